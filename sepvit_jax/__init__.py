@@ -1,0 +1,25 @@
+"""sepvit_jax: SepViT (Separable Vision Transformer) in Flax NNX, NHWC.
+
+Computes the same function as vit-pytorch's `SepViT` (and `sepvit_torch.SepViT`); weights convert
+both ways with `convert`. Heavy submodules load lazily, so `from sepvit_jax.config import ...`
+(which `sepvit_torch` and the converter use) never imports JAX.
+"""
+
+import importlib
+
+from sepvit_jax.config import CONFIGS, SepViTConfig, get_config
+
+_LAZY = {
+    "SepViT": "sepvit_jax.model",
+    "load": "sepvit_jax.checkpoint",
+    "save": "sepvit_jax.checkpoint",
+    "from_torch": "sepvit_jax.checkpoint",
+}
+
+__all__ = ["CONFIGS", "SepViTConfig", "get_config", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sepvit_jax' has no attribute {name!r}")
