@@ -86,6 +86,25 @@ def read_state_dict(
     return _to_numpy_dict(state, source=str(p))
 
 
+def read_state_dict_and_dtypes(
+    path: str | os.PathLike, *, key: str | None = None, unsafe_pickle: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """`read_state_dict`, plus each tensor's dtype as stored (e.g. "bfloat16", before widening).
+
+    The converter reports and round-trips the stored precision, which the numpy arrays alone
+    cannot tell for bfloat16.
+    """
+    p = Path(path)
+    _check_file(p)
+    raw = (
+        _load_safetensors(p) if _is_safetensors(p) else _load_torch(p, unsafe_pickle=unsafe_pickle)
+    )
+    state = unwrap_state_dict(raw, key=key, source=str(p))
+    del raw
+    dtypes = {name: str(v.dtype).removeprefix("torch.") for name, v in state.items()}
+    return _to_numpy_dict(state, source=str(p)), dtypes
+
+
 def _check_file(p: Path) -> None:
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")

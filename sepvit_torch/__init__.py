@@ -4,6 +4,7 @@ Importing it never imports JAX: the shared `SepViTConfig` lives in a JAX-free mo
 """
 
 from sepvit_jax.config import CONFIGS, SepViTConfig, get_config
+from sepvit_torch.checkpoint import load
 from sepvit_torch.model import (
     DSSA,
     PEG,
@@ -25,4 +26,5 @@ __all__ = [
     "SepViTConfig",
     "Transformer",
     "get_config",
+    "load",
 ]

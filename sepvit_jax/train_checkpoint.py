@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a training run: train state + the Grain iterator's position.
+
+Layout: `runs/NAME/checkpoints/<step>/{state,data}`. `state` is the sharded train state of
+`sepvit_jax.training` (typed PRNG keys stored as their raw uint32 data); `data` holds one JSON
+file per process with that process's iterator state, so `--resume` continues bitwise exactly.
+Saves are asynchronous (arrays are copied to host before `save` returns, so the donated buffers
+may be reused at once); the manager keeps the last `keep` checkpoints plus the best `keep` by
+test accuracy. All processes call every method; Orbax coordinates the writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_saveable(state):
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def abstract_saveable(state, shardings):
+    """ShapeDtypeStructs (with shardings) of `to_saveable(state)`, the restore target."""
+
+    def one(x, s):
+        x = jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(one, state, shardings)
+
+
+def from_saveable(saved, like):
+    """Re-wraps raw key data as typed keys where `like` has typed keys."""
+
+    def one(x, ref):
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if _is_key(ref) else x
+
+    return jax.tree.map(one, saved, like)
+
+
+class Checkpoints:
+    """The CheckpointManager of one run directory.
+
+    Args:
+      directory: where the numbered step directories go.
+      keep: how many recent checkpoints to keep (and as many best by accuracy).
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 2):
+        policy = pp.AnyPreservationPolicy(
+            [
+                pp.LatestN(n=keep),
+                pp.BestN(
+                    get_metric_fn=lambda m: m["test_accuracy"],
+                    reverse=False,
+                    n=keep,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=True, create=True
+        )
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, iterator=None, metrics: dict | None = None) -> None:
+        items = {"state": ocp.args.StandardSave(to_saveable(state))}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def restore(self, state_like, shardings, iterator=None, step: int | None = None):
+        """Restores `step` (default: latest) into arrays placed by `shardings`."""
+        step = self.manager.latest_step() if step is None else step
+        items = {"state": ocp.args.StandardRestore(abstract_saveable(state_like, shardings))}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return from_saveable(restored["state"], state_like), step
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
