@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sepvit_jax.config import SepViTConfig
+
+# One persistent XLA compilation cache for this test session (fresh each session, so every
+# program is still compiled once): many tests and their subprocesses compile the same small
+# SepViT train and eval steps, which then cost a cache read instead of seconds of compiling.
+# Environment variables, so that subprocesses (train.py, the converter CLI) share it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="sepvit-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_CASES = ("two_stage_56", "three_stage_112", "rect_gray")

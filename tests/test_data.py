@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from sepvit_jax import data
-from sepvit_jax.data import DataConfig, DataError
+from sepvit_jax.data import DataConfig, DataError, digits, imagefolder
 
 DIGITS = DataConfig()
 
@@ -49,11 +49,11 @@ def test_digits_info_and_batch_shapes():
 
 
 def test_digits_split_fixed_stratified_disjoint():
-    train_idx, eval_idx = data._digits_split()
+    train_idx, eval_idx = digits.split_indices()
     assert len(eval_idx) == 360 and len(train_idx) == 1437
     assert not set(train_idx) & set(eval_idx)
     assert sorted({*train_idx, *eval_idx}) == list(range(1797))
-    _, labels = data._digits_raw()
+    _, labels = digits.raw()
     np.testing.assert_array_equal(np.bincount(labels[eval_idx], minlength=10), [36] * 10)
 
     # The held-out set does not depend on the training seed.
@@ -65,14 +65,14 @@ def test_digits_split_fixed_stratified_disjoint():
 
 
 def test_digits_normalisation():
-    arrays = data._digits_arrays(56)
+    arrays = digits.arrays(56)
     train_x, eval_x = arrays["train"][0], arrays["eval"][0]
     assert abs(float(train_x.mean())) < 1e-4
     assert abs(float(train_x.std()) - 1.0) < 1e-4
     assert abs(float(eval_x.mean())) < 0.1 and 0.9 < float(eval_x.std()) < 1.1
     # Upsampling preserves the image: block means at the 8x8 grid follow the raw pixels.
-    raw, _ = data._digits_raw()
-    train_idx, _ = data._digits_split()
+    raw, _ = digits.raw()
+    train_idx, _ = digits.split_indices()
     blocks = train_x[:50, :, :, 0].reshape(50, 8, 7, 8, 7).mean(axis=(2, 4))
     corr = np.corrcoef(blocks.ravel(), raw[train_idx[:50]].ravel())[0, 1]
     assert corr > 0.95
@@ -93,7 +93,7 @@ def test_digits_deterministic_and_reshuffled_each_epoch():
     # Within an epoch no example repeats (drop_remainder leaves 1437 % 128 out).
     flat = epoch0["image"].reshape(len(epoch0["image"]), -1)
     assert len(np.unique(flat, axis=0)) >= len(flat) - 5  # a handful of real duplicate digits
-    all_train = data._digits_arrays(56)["train"][0].reshape(1437, -1)
+    all_train = digits.arrays(56)["train"][0].reshape(1437, -1)
     assert len(np.unique(np.concatenate([flat, all_train]), axis=0)) == len(
         np.unique(all_train, axis=0)
     )
@@ -163,7 +163,7 @@ def test_digits_eval_covers_every_example_once(process_count):
     whole = concat(steps)
     assert whole["mask"].sum() == 360
     assert not whole["mask"][360:].any() and whole["mask"][:360].all()
-    images, labels = data._digits_arrays(56)["eval"]
+    images, labels = digits.arrays(56)["eval"]
     np.testing.assert_array_equal(whole["image"][:360], images)
     np.testing.assert_array_equal(whole["label"][:360], labels)
 
@@ -265,7 +265,7 @@ def test_imagefolder_too_many_bad_images(tree):
 
 def test_random_resized_crop_box():
     rng = np.random.default_rng(0)
-    boxes = [data._random_resized_crop_box(64, 48, rng) for _ in range(500)]
+    boxes = [imagefolder.random_resized_crop_box(64, 48, rng) for _ in range(500)]
     for left, top, right, bottom in boxes:
         assert 0 <= left < right <= 64 and 0 <= top < bottom <= 48
         area = (right - left) * (bottom - top) / (64 * 48)
@@ -274,7 +274,8 @@ def test_random_resized_crop_box():
         assert 3 / 4 - 0.1 < (right - left) / (bottom - top) < 4 / 3 + 0.1
     assert len(set(boxes)) > 400  # random, not a constant crop
     # An extreme panorama can never fit the ratio range: central crop clamped to 4/3.
-    assert data._random_resized_crop_box(400, 10, rng) == (193, 0, 206, 10)  # w = round(10 * 4 / 3)
+    # w = round(10 * 4 / 3)
+    assert imagefolder.random_resized_crop_box(400, 10, rng) == (193, 0, 206, 10)
 
 
 def test_imagefolder_process_shards_union_is_global_batch(tree):

@@ -127,6 +127,7 @@ def load_json(path: str | Path, base: TrainConfig) -> TrainConfig:
         raise ValueError(f"cannot read config {str(path)!r}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {str(path)!r} must hold a JSON object")
+    data.pop("resolved", None)  # a run's config.json also records what it resolved to
     return from_mapping(data, base, str(path))
 
 

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run: train state + the Grain iterator's position.
 
 Layout: `runs/NAME/checkpoints/<step>/{state,data}`. `state` is the sharded train state of
-`sepvit_jax.training` (typed PRNG keys stored as their raw uint32 data); `data` holds one JSON
+`sepvit_jax.train.steps` (typed PRNG keys stored as their raw uint32 data); `data` holds one JSON
 file per process with that process's iterator state, so `--resume` continues bitwise exactly.
 Saves are asynchronous (arrays are copied to host before `save` returns, so the donated buffers
 may be reused at once); the manager keeps the last `keep` checkpoints plus the best `keep` by
@@ -37,10 +37,14 @@ def abstract_saveable(state, shardings):
 
 
 def from_saveable(saved, like):
-    """Re-wraps raw key data as typed keys where `like` has typed keys."""
+    """Re-wraps raw key data as typed keys where `like` (arrays or abstract) has typed keys.
+
+    The keys were made by `jax.random.key`, i.e. with the default PRNG implementation, which
+    `wrap_key_data` assumes too (`key_impl` cannot read an abstract restore target).
+    """
 
     def one(x, ref):
-        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if _is_key(ref) else x
+        return jax.random.wrap_key_data(x) if _is_key(ref) else x
 
     return jax.tree.map(one, saved, like)
 
@@ -68,7 +72,8 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=True, create=True
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

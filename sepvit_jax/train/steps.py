@@ -171,7 +171,8 @@ def make_train_step(
     num_classes = model.config.num_classes
 
     def loss_fn(params, rest, batch):
-        net = nnx.merge(model.train_graph, params, rest)
+        # copy: fresh Variables at this trace level, so dropout may advance its RNG count.
+        net = nnx.merge(model.train_graph, params, rest, copy=True)
         logits = net(batch["image"])
         loss = cross_entropy(logits, batch["label"], num_classes, cfg.label_smoothing).mean()
         correct = (logits.argmax(-1) == batch["label"]).sum()
@@ -204,7 +205,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "accuracy": correct / batch["label"].shape[0],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         new_state = {"step": state["step"] + 1, "params": new_params, "rest": rest, "opt": opt}
         return new_state, metrics

@@ -1,0 +1,294 @@
+"""An ImageNet-style tree `DIR/{train,val}/CLASS/*.jpg`, decoded with Pillow.
+
+Training: random-resized-crop and horizontal flip; evaluation: resize and center crop; both
+normalised with the ImageNet mean and std. Unreadable images are skipped, counted and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sepvit_jax.data.config import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_EVAL_CROP_FRACTION = 0.875
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    files: tuple[str, ...]
+    labels: np.ndarray  # int32, aligned with files
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tree:
+    classes: tuple[str, ...]
+    train: _Split
+    val: _Split
+
+
+def _list_class_dirs(split_dir: Path) -> list[str]:
+    return sorted(
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+    )
+
+
+def _list_images(class_dir: Path) -> list[str]:
+    return sorted(
+        e.path
+        for e in os.scandir(class_dir)
+        if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def scan(root: str) -> _Tree:
+    """Lists the tree once per process (cached: ImageNet's 1.3M files take seconds to list)."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(f"imagefolder data_dir {str(base)!r} does not exist or is not a directory")
+    split_dirs = {name: base / name for name in ("train", "val")}
+    missing = [str(d) for d in split_dirs.values() if not d.is_dir()]
+    if missing:
+        raise DataError(
+            f"imagefolder data_dir {str(base)!r} must contain train/CLASS/* and val/CLASS/*; "
+            f"missing: {', '.join(missing)}"
+        )
+    train_classes = _list_class_dirs(split_dirs["train"])
+    val_classes = _list_class_dirs(split_dirs["val"])
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(
+            f"class folders differ between {split_dirs['train']} and {split_dirs['val']}: "
+            f"only in train: {only_train or 'none'}; only in val: {only_val or 'none'}"
+        )
+    if not train_classes:
+        raise DataError(f"no class folders in {split_dirs['train']} (expected train/CLASS/*.jpg)")
+    splits = {}
+    for name, split_dir in split_dirs.items():
+        files: list[str] = []
+        labels: list[int] = []
+        empty = []
+        for label, cls in enumerate(train_classes):
+            found = _list_images(split_dir / cls)
+            if not found:
+                empty.append(cls)
+            files += found
+            labels += [label] * len(found)
+        if not files:
+            raise DataError(
+                f"no images in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                f"in its {len(train_classes)} class folders)"
+            )
+        if empty:
+            logger.warning(
+                "%s: %d class folder(s) without images: %s", split_dir, len(empty), empty
+            )
+        splits[name] = _Split(tuple(files), np.asarray(labels, np.int32))
+    return _Tree(tuple(train_classes), splits["train"], splits["val"])
+
+
+# Undecodable images are detected lazily, when the pipeline first decodes them, instead of
+# opening every file up front: a PIL verify() pass is fine for a small tree but takes many
+# minutes on ImageNet, and it would run again in every process. Each process (worker processes
+# included) records the distinct unreadable paths it met, logs them, and raises DataError as
+# soon as the count exceeds max_bad_fraction of the split. The check is therefore per process:
+# with several workers the limit is reached a little later than with one, never spuriously.
+# What "skipped" means keeps batch shapes static and the pipeline deterministic:
+#   * train: the slot of an unreadable file is filled by the next readable file in listing
+#     order (same class in practice), so batch composition depends only on (seed, step), never
+#     on num_workers or process_count, and iterator checkpoints stay exact;
+#   * eval: the example is masked out (mask=False), so it does not count in the metrics.
+_bad_lock = threading.Lock()
+_bad_paths: dict[str, set[str]] = {}
+_LOGGED_BAD_PATHS = 10
+
+
+def unreadable_images() -> dict[str, list[str]]:
+    """Undecodable image files met so far by this process, by split directory.
+
+    Detection is lazy (at decode time), so this grows as the pipelines run; worker processes keep
+    their own lists (and log them).
+    """
+    with _bad_lock:
+        return {split: sorted(paths) for split, paths in _bad_paths.items()}
+
+
+def _record_bad(split_dir: str, path: str, error: Exception, num_files: int, limit: float) -> None:
+    with _bad_lock:
+        seen = _bad_paths.setdefault(split_dir, set())
+        is_new = path not in seen
+        seen.add(path)
+        count = len(seen)
+        examples = sorted(seen)[:3]
+    if is_new and (count <= _LOGGED_BAD_PATHS or count % 100 == 0):
+        logger.warning(
+            "skipping unreadable image %s (%s: %s); %d unreadable of %d in %s so far, e.g. %s",
+            path,
+            type(error).__name__,
+            error,
+            count,
+            num_files,
+            split_dir,
+            examples,
+        )
+    if count > limit * num_files:
+        raise DataError(
+            f"{count} of the {num_files} images in {split_dir} are unreadable, more than "
+            f"max_bad_fraction={limit:g} allows; e.g. {examples}"
+        )
+
+
+def _decode_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")  # convert() forces the full decode: errors surface here
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    # OSError covers UnidentifiedImageError and truncated files; the others come from broken
+    # headers of some formats and from absurd sizes.
+    return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _normalize(img) -> np.ndarray:
+    x = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of an Inception-style random crop (torchvision's algorithm)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    # Fallback (rare: extreme aspect ratios): the central crop with the aspect clamped to ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    """Decodes one example of an imagefolder split (train: augmented; eval: center crop).
+
+    Holds only paths and settings; the file list is re-listed (cached) in each worker process
+    instead of pickling 1.3M paths into every worker.
+    """
+
+    root: str
+    split: str  # "train" | "val"
+    image_size: int
+    max_bad_fraction: float
+
+    def _split(self) -> _Split:
+        return getattr(scan(self.root), self.split)
+
+    def _load(self, index: int):
+        """Decoded RGB image of file `index`, or the exception if it is unreadable."""
+        split = self._split()
+        try:
+            return _decode_rgb(split.files[index])
+        except _decode_errors() as e:
+            split_dir = str(Path(self.root).expanduser() / self.split)
+            _record_bad(split_dir, split.files[index], e, len(split.files), self.max_bad_fraction)
+            return e
+
+    def train_example(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        split = self._split()
+        n = len(split.files)
+        # Replace an unreadable file by the next readable one (see the comment on _bad_paths);
+        # _record_bad raises long before this loop could go round the whole split.
+        for k in range(n):
+            i = (int(index) + k) % n
+            img = self._load(i)
+            if not isinstance(img, Exception):
+                break
+        else:  # pragma: no cover - only reachable with max_bad_fraction=1
+            raise DataError(f"no readable image in {self.root}/{self.split}")
+        from PIL import Image
+
+        box = random_resized_crop_box(img.width, img.height, rng)
+        size = (self.image_size, self.image_size)
+        img = img.resize(size, Image.Resampling.BILINEAR, box=box)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {"image": _normalize(img), "label": split.labels[i]}
+
+    def eval_example(self, position: int) -> dict[str, Any]:
+        split = self._split()
+        s = self.image_size
+        if position >= len(split.files):  # padding of the last batch
+            return {
+                "image": np.zeros((s, s, 3), np.float32),
+                "label": np.int32(0),
+                "mask": np.bool_(False),
+            }
+        img = self._load(position)
+        if isinstance(img, Exception):
+            return {
+                "image": np.zeros((s, s, 3), np.float32),
+                "label": split.labels[position],
+                "mask": np.bool_(False),
+            }
+        from PIL import Image
+
+        short = int(s / _EVAL_CROP_FRACTION)
+        w, h = img.size
+        new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left, top = int(round((new_w - s) / 2.0)), int(round((new_h - s) / 2.0))
+        img = img.crop((left, top, left + s, top + s))
+        return {"image": _normalize(img), "label": split.labels[position], "mask": np.bool_(True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExample:
+    loader: Loader
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self.loader.train_example(index, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalExample:
+    loader: Loader
+
+    def __call__(self, position: int) -> dict[str, Any]:
+        return self.loader.eval_example(position)

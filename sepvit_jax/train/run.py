@@ -1,0 +1,274 @@
+"""A training run, top to bottom: hosts -> mesh -> data -> state -> steps -> loop -> export.
+
+`main(argv)` is `train.py`. Exit status: 0 done (or stopped cleanly by a signal), 2 bad input
+(one `error: ...` line on stderr), 3 the loss diverged (NaN/inf; the last good checkpoint kept).
+
+Batches are NHWC (`image (B, H, W, C)`), B split over every device of the ("data", "fsdp")
+mesh. Process 0 alone writes `config.json`, `metrics.jsonl`, `curves.png` and the exported
+`model/`; every process takes part in the Orbax checkpoints (a multi-host run needs `runs_dir`
+on a shared file system).
+
+    runs/NAME/config.json     the TrainConfig (reusable with --config), plus what it resolved to
+    runs/NAME/metrics.jsonl   one JSON row per log point (train loss/accuracy, test metrics, lr)
+    runs/NAME/curves.png      loss and accuracy curves
+    runs/NAME/checkpoints/    Orbax: train state + data iterator position, per step (--resume)
+    runs/NAME/model/          the final model, `sepvit_jax.load`-able (`convert flax2torch`-able)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from sepvit_jax import data as data_lib
+from sepvit_jax import sharding
+from sepvit_jax.train import steps
+from sepvit_jax.train.checkpoints import Checkpoints
+from sepvit_jax.train.config import TrainConfig, model_config, parse_args
+from sepvit_jax.train.loop import Diverged, Loop, evaluate
+
+# ---- hosts ---------------------------------------------------------------------------------
+
+
+def _cluster_env() -> bool:
+    """True when launched by something JAX's cluster detection understands (multi-process)."""
+    env = os.environ
+    return bool(
+        env.get("JAX_COORDINATOR_ADDRESS")
+        or (env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1)
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+
+
+def init_distributed(cfg: TrainConfig) -> None:
+    """jax.distributed.initialize from the flags, or from the environment of a cluster."""
+    if cfg.coordinator_address or cfg.num_processes:
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+        )
+    elif _cluster_env():
+        jax.distributed.initialize()
+
+
+# ---- run directory -------------------------------------------------------------------------
+
+
+class RunDir:
+    """runs/NAME/: config.json, metrics.jsonl, curves.png, model/ (process 0), checkpoints/."""
+
+    def __init__(self, cfg: TrainConfig, resolved: dict):
+        self.name = cfg.run_name or f"{cfg.data}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        self.path = Path(cfg.runs_dir) / self.name
+        self.main = jax.process_index() == 0
+        continuing = cfg.resume or cfg.eval_only
+        if self.main and not continuing:
+            checkpoints = self.path / "checkpoints"
+            if checkpoints.is_dir() and any(checkpoints.iterdir()):
+                raise ValueError(
+                    f"run directory {self.path} already has checkpoints; pass --resume to "
+                    "continue it or choose another --run-name"
+                )
+            self.path.mkdir(parents=True, exist_ok=True)
+            config = {**json.loads(cfg.to_json()), "resolved": resolved}
+            (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (self.path / "metrics.jsonl").write_text("")
+
+    def log(self, row: dict) -> None:
+        if self.main:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self) -> None:
+        metrics = self.path / "metrics.jsonl"
+        if self.main and metrics.is_file():
+            from sepvit_jax.train.plotting import plot_curves, read_metrics
+
+            rows = read_metrics(metrics)
+            if rows:
+                plot_curves(rows, self.path / "curves.png", title=self.name)
+
+
+# ---- state ---------------------------------------------------------------------------------
+
+
+def _init_from(path: str, data_classes: int, data_channels: int):
+    """(model config, params) of a `convert torch2flax` output, with a fresh head if needed."""
+
+    from sepvit_jax.checkpoint import load
+
+    loaded = load(path, dtype="float32", param_dtype="float32")
+    src = loaded.config
+    if src.channels != data_channels:
+        raise ValueError(
+            f"--init-from {path}: the model takes {src.channels} input channels but the data "
+            f"has {data_channels}"
+        )
+    params = nnx.state(loaded, nnx.Param)
+    if data_classes != src.num_classes:
+        # New classes: a zero-initialised head (as big_vision fine-tunes), the rest kept.
+        fc = params["mlp_head"]["fc"]
+        fc["kernel"].set_value(jnp.zeros((fc["kernel"].shape[0], data_classes), jnp.float32))
+        fc["bias"].set_value(jnp.zeros((data_classes,), jnp.float32))
+        print(
+            f"--init-from {path}: new zero-initialised {data_classes}-class head (the "
+            f"checkpoint has {src.num_classes} classes)",
+            file=sys.stderr,
+        )
+    return src.replace(num_classes=data_classes), params
+
+
+def export_model(directory: Path, model_cfg, state, dtype: str) -> None:
+    """Writes the final parameters as a `sepvit_jax.save` directory (process 0 writes)."""
+    from sepvit_jax.checkpoint import write_checkpoint
+
+    # Every process joins the gather (parameters may be sharded across hosts).
+    params = multihost_utils.process_allgather(nnx.to_pure_dict(state["params"]), tiled=True)
+    if jax.process_index() == 0:
+        step = int(jax.device_get(state["step"]))
+        write_checkpoint(
+            directory,
+            model_cfg,
+            jax.tree.map(np.asarray, params),
+            param_dtype="float32",
+            dtype=dtype,
+            source={"trained_by": "train.py", "run": str(directory.parent), "step": step},
+            overwrite=True,
+        )
+    multihost_utils.sync_global_devices("sepvit_export_model")
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+def run(cfg: TrainConfig) -> int:
+    init_distributed(cfg)
+    continuing = cfg.resume or (cfg.eval_only and not cfg.init_from)
+    # ---- mesh ----
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_size(cfg.batch_size, mesh, cfg.grad_accum)
+    if cfg.dtype not in steps.DTYPES:
+        raise ValueError(f"--dtype must be one of {list(steps.DTYPES)}, got {cfg.dtype!r}")
+    # ---- data ----
+    dcfg = data_lib.DataConfig(
+        name=cfg.data,
+        data_dir=cfg.data_dir,
+        image_size=cfg.image_size,
+        num_workers=cfg.num_workers,
+        prefetch=cfg.prefetch,
+        seed=cfg.seed,
+        max_bad_fraction=cfg.max_bad_fraction,
+    )
+    info = data_lib.dataset_info(dcfg)
+    # ---- model ----
+    init_params = None
+    if cfg.init_from and not cfg.resume:
+        model_cfg, init_params = _init_from(cfg.init_from, info.num_classes, info.channels)
+    else:
+        model_cfg = model_config(cfg.model, num_classes=info.num_classes, channels=info.channels)
+    model_cfg.check_image_size(cfg.image_size, cfg.image_size)  # before anything compiles
+    spe = data_lib.steps_per_epoch(dcfg, cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
+    warmup = spe if cfg.warmup_steps < 0 else cfg.warmup_steps
+    ocfg = steps.OptimConfig(
+        lr=cfg.lr,
+        warmup_steps=warmup,
+        total_steps=total,
+        weight_decay=cfg.weight_decay,
+        clip_norm=cfg.clip_norm,
+        label_smoothing=cfg.label_smoothing,
+        min_lr_ratio=cfg.min_lr_ratio,
+        grad_accum=cfg.grad_accum,
+    )
+    resolved = {
+        "model": model_cfg.to_dict(),
+        "steps_per_epoch": spe,
+        "total_steps": total,
+        "warmup_steps": warmup,
+        "mesh": dict(mesh.shape),
+        "process_count": jax.process_count(),
+        "devices": [str(d) for d in jax.devices()[:8]],
+    }
+    run_dir = RunDir(cfg, resolved)
+    # ---- state ----
+    tx = steps.make_optimizer(ocfg)
+    model, state, shardings = steps.init_state(
+        model_cfg,
+        tx,
+        mesh,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        params=init_params,
+        abstract=continuing,
+    )
+    ckpts = Checkpoints(run_dir.path / "checkpoints", keep=cfg.keep)
+    train_iter = data_lib.train_iterator(
+        dcfg,
+        global_batch_size=cfg.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    try:
+        if continuing:
+            if ckpts.latest_step() is None:
+                raise ValueError(f"no checkpoint to resume from in {ckpts.directory}")
+            state, step = ckpts.restore(state, shardings, train_iter)
+            if run_dir.main:
+                print(f"restored {run_dir.path} at step {step}", file=sys.stderr)
+        # ---- steps ----
+        bsharding = sharding.batch_sharding(mesh)
+        eval_step = steps.make_eval_step(model, shardings, mesh)
+        if cfg.eval_only:
+            result = evaluate(eval_step, state, dcfg, cfg.batch_size, bsharding)
+            if run_dir.main:
+                print(f"test loss {result['test_loss']:.4f}")
+                print(f"final test accuracy: {result['test_accuracy']:.4f}")
+            return 0
+        train_step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
+        # ---- loop ----
+        loop = Loop(cfg, run_dir, ckpts, spe, total, steps.make_schedule(ocfg))
+        state = loop.run(state, train_step, eval_step, train_iter, dcfg, bsharding)
+        # ---- export ----
+        if int(jax.device_get(state["step"])) == total:
+            export_model(run_dir.path / "model", model_cfg, state, cfg.dtype)
+            if run_dir.main:
+                print(f"saved the final model to {run_dir.path / 'model'}", file=sys.stderr)
+        _report_unreadable()
+        return 0
+    finally:
+        ckpts.close()
+        run_dir.plot()
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+
+
+def _report_unreadable() -> None:
+    # Worker processes (--num-workers > 0) keep and log their own lists.
+    for split_dir, paths in data_lib.unreadable_images().items():
+        shown = ", ".join(paths[:5]) + (", ..." if len(paths) > 5 else "")
+        print(f"skipped {len(paths)} unreadable image(s) in {split_dir}: {shown}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Orbax reports routine events through absl at INFO/WARNING; the run prints its own progress.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        return run(parse_args(argv))
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

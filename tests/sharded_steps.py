@@ -1,0 +1,81 @@
+"""Run by tests/test_train_sharding.py in a fresh process with 8 simulated CPU devices.
+
+Trains the same model on the same three batches on one device and on meshes (data=8),
+(data=4, fsdp=2), (data=2, fsdp=4), and prints one JSON line: for every mesh, the largest
+parameter difference from the one-device run relative to the parameter scale, and which arrays
+the fsdp axis sharded; and the error for a batch the mesh cannot split.
+"""
+
+import json
+import os
+import sys
+
+assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sepvit_jax import sharding  # noqa: E402
+from sepvit_jax.config import SepViTConfig  # noqa: E402
+from sepvit_jax.train import steps  # noqa: E402
+
+MESHES = ("data=8", "data=4,fsdp=2", "data=2,fsdp=4")
+
+
+# One stage (compiles in half the time of two): a 14x14 map in 2x2 windows of 7, so both the
+# windowed and the among-windows attention run. Its feed-forward kernels (64 x 256) are large
+# enough for the default rules to shard over fsdp. Dropout is on: the masks must not depend on
+# the sharding either.
+CONFIG = SepViTConfig(num_classes=10, dim=64, depth=(1,), heads=2, dim_head=16, dropout=0.1)
+
+
+def train_three_steps(mesh) -> tuple[dict, dict]:
+    ocfg = steps.OptimConfig(lr=1e-3, warmup_steps=1, total_steps=3)
+    tx = steps.make_optimizer(ocfg)
+    model, state, shardings = steps.init_state(CONFIG, tx, mesh, seed=0)
+    train_step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
+    rng = np.random.default_rng(0)
+    bsharding = sharding.batch_sharding(mesh)
+    for _ in range(3):
+        batch = {
+            "image": rng.standard_normal((16, 56, 56, 3), dtype=np.float32),
+            "label": rng.integers(0, 10, 16).astype(np.int32),
+        }
+        state, _ = train_step(state, sharding.global_batch(batch, bsharding))
+    params = jax.device_get(nnx.to_pure_dict(state["params"]))
+    specs = jax.tree.map(lambda s: str(s.spec), nnx.to_pure_dict(shardings["params"]))
+    return params, specs
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    scale = max(float(np.abs(x).max()) for x in leaves_b)
+    return max(float(np.abs(x - y).max()) for x, y in zip(leaves_a, leaves_b, strict=True)) / scale
+
+
+def main() -> None:
+    assert jax.device_count() == 8
+    reference, _ = train_three_steps(sharding.make_mesh("data=1", devices=jax.devices()[:1]))
+    result = {"meshes": {}}
+    for spec in MESHES:
+        params, specs = train_three_steps(sharding.make_mesh(spec))
+        sharded = sorted(
+            jax.tree_util.keystr(path)
+            for path, s in jax.tree_util.tree_leaves_with_path(specs)
+            if "fsdp" in s
+        )
+        result["meshes"][spec] = {
+            "max_rel_diff": max_relative_difference(params, reference),
+            "fsdp_sharded": sharded,
+        }
+    try:
+        sharding.check_batch_size(12, sharding.make_mesh("data=8"))
+        result["bad_batch_error"] = None
+    except ValueError as err:
+        result["bad_batch_error"] = str(err)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
