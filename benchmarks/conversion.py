@@ -6,7 +6,10 @@ the child's wall time (interpreter start and imports included) and its peak resi
 (`ru_maxrss` from `os.wait4`, which reports that one child only). Targets: under 10 s, and a peak
 under 3x the checkpoint's size.
 
-    python -m benchmarks.conversion [--variant sepvit_base] [--workdir DIR]
+    python -m benchmarks.conversion [--variant sepvit_base] [--repeat 3] [--workdir DIR]
+
+One JSON line per run (the checkpoint is made once). Timings depend on the machine's load:
+repeat, and report every run.
 """
 
 from __future__ import annotations
@@ -54,31 +57,42 @@ def run_measured(cmd: list[str]) -> tuple[float, float, int]:
     return seconds, usage.ru_maxrss / 1024, proc.returncode
 
 
-def bench_conversion(variant: str = "sepvit_base", workdir: str | Path | None = None) -> dict:
-    """Convert a random `variant` checkpoint with the CLI; returns the measurements."""
+def bench_conversion(
+    variant: str = "sepvit_base", workdir: str | Path | None = None, repeat: int = 1
+) -> list[dict]:
+    """Convert a random `variant` checkpoint with the CLI `repeat` times; one dict per run."""
+    results = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         ckpt = make_checkpoint(variant, Path(tmp) / f"{variant}.pt")
         file_mb = ckpt.stat().st_size / 2**20
-        cmd = [sys.executable, "-m", "convert", "torch2flax", str(ckpt), "-o", f"{tmp}/out"]
-        seconds, peak_mb, status = run_measured(cmd)
-        if status != 0:
-            raise RuntimeError(f"conversion failed with exit status {status}: {' '.join(cmd)}")
-    return {
-        "variant": variant,
-        "file_mb": round(file_mb, 1),
-        "seconds": round(seconds, 2),
-        "peak_rss_mb": round(peak_mb, 1),
-        "ratio": round(peak_mb / file_mb, 2),
-        "within_targets": seconds < TARGET_SECONDS and peak_mb < TARGET_RATIO * file_mb,
-    }
+        for run in range(repeat):
+            out = f"{tmp}/out{run}"
+            cmd = [sys.executable, "-m", "convert", "torch2flax", str(ckpt), "-o", out]
+            seconds, peak_mb, status = run_measured(cmd)
+            if status != 0:
+                raise RuntimeError(f"conversion failed with exit status {status}: {' '.join(cmd)}")
+            results.append(
+                {
+                    "variant": variant,
+                    "run": run,
+                    "file_mb": round(file_mb, 1),
+                    "seconds": round(seconds, 2),
+                    "peak_rss_mb": round(peak_mb, 1),
+                    "ratio": round(peak_mb / file_mb, 2),
+                    "within_targets": seconds < TARGET_SECONDS and peak_mb < TARGET_RATIO * file_mb,
+                }
+            )
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", default="sepvit_base")
+    parser.add_argument("--repeat", type=int, default=1, help="conversions to time")
     parser.add_argument("--workdir", default=None, help="where the temporary files go")
     args = parser.parse_args()
-    print(json.dumps(bench_conversion(args.variant, args.workdir)))
+    for result in bench_conversion(args.variant, args.workdir, args.repeat):
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

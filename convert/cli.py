@@ -16,16 +16,20 @@ leaves a partial file or directory behind. The checkpoint layouts are described 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from convert import pipeline
 from convert.io import read_state_dict_and_dtypes, save_state_dict
+from convert.mapping import weight_table
 from sepvit_jax import checkpoint as jax_ckpt
 
 DEFAULT_IMAGE_SIZE = 224
@@ -94,8 +98,8 @@ def _print_config(resolved: pipeline.Resolved) -> None:
         print(f"  {field:<12} {value:<18} {source}{note}")
 
 
-def _read(path: Path, args) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    with _Step(f"reading {path}"):
+def _read(path: Path, args, *, quiet: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    with contextlib.nullcontext() if quiet else _Step(f"reading {path}"):
         return read_state_dict_and_dtypes(path, key=args.key, unsafe_pickle=args.unsafe_pickle)
 
 
@@ -106,7 +110,7 @@ def cmd_torch2flax(args) -> int:
     ckpt = Path(args.checkpoint)
     out = Path(args.output) if args.output else ckpt.with_name(ckpt.stem + "_flax")
     config_file = pipeline.read_config_file(args.config) if args.config else {}
-    jax_ckpt._check_target(out.absolute(), args.overwrite)  # fail before the slow part
+    jax_ckpt.check_target(out.absolute(), args.overwrite)  # fail before the slow part
     state_dict, stored = _read(ckpt, args)
     resolved = pipeline.resolve_config(
         state_dict,
@@ -127,42 +131,46 @@ def cmd_torch2flax(args) -> int:
     }
 
     def before_commit(tmp: Path) -> None:
+        # Runs on the complete temporary directory: a failure leaves nothing behind.
+        print(f"wrote the parameters ({resolved.dtype}) in {time.perf_counter() - start:.1f} s")
         if args.verify:
             _verify(tmp, cfg, state_dict, resolved.dtype)
 
     _quiet_jax_logging()
-    with _Step(f"writing {out} (params {resolved.dtype})"):
-        jax_ckpt.write_checkpoint(
-            out,
-            cfg,
-            params,
-            param_dtype=resolved.dtype,
-            dtype=resolved.dtype,
-            source=source,
-            overwrite=args.overwrite,
-            before_commit=before_commit,
-        )
+    print(f"writing {out} ...", flush=True)
+    start = time.perf_counter()
+    jax_ckpt.write_checkpoint(
+        out,
+        cfg,
+        params,
+        param_dtype=resolved.dtype,
+        dtype=resolved.dtype,
+        source=source,
+        overwrite=args.overwrite,
+        before_commit=before_commit,
+    )
     print(f"wrote {out.absolute()}")
     return 0
 
 
 def _verify(tmp: Path, cfg, state_dict, dtype: str) -> None:
     # Read back what was written, in float32, against torch on the same (dtype-rounded)
-    # weights: this checks the layout transforms and the file, not the precision of `dtype`.
-    print()
-    model = jax_ckpt.load(tmp, dtype="float32", param_dtype="float32")
-    weights = state_dict if dtype == "float32" else pipeline.round_through(state_dict, dtype)
-    result = pipeline.verify(cfg, weights, model)
+    # weights: this checks the layout transforms and the files, not the precision of `dtype`.
+    with _Step("verify: running the torch and the converted Flax model"):
+        model = jax_ckpt.load(tmp, dtype="float32", param_dtype="float32")
+        weights = state_dict if dtype == "float32" else pipeline.round_through(state_dict, dtype)
+        result = pipeline.verify(cfg, weights, model)
     print(
         f"verify: batch {result.batch} of {result.image_size}x{result.image_size} random images, "
         f"float32 logits: max abs diff {result.max_abs:.3e}, max rel diff {result.max_rel:.3e} "
-        f"(tolerance {pipeline.VERIFY_RTOL:.0e})",
+        f"(tolerance {pipeline.VERIFY_RTOL:.0e}): {'ok' if result.ok else 'MISMATCH'}",
         flush=True,
     )
     if not result.ok:
         raise VerificationFailed(
             f"verification failed: max rel diff {result.max_rel:.3e} > "
-            f"{pipeline.VERIFY_RTOL:.0e} between the torch and the converted Flax logits"
+            f"{pipeline.VERIFY_RTOL:.0e} between the torch and the converted Flax logits; "
+            "nothing was written"
         )
 
 
@@ -182,9 +190,8 @@ def cmd_flax2torch(args) -> int:
     with _Step(f"reading {directory}"):
         cfg, state_dict, meta = pipeline.flax_dir_state_dict(directory)
     print(f"config: {cfg.to_json(indent=None)}")
-    print(f"parameters: {sum(v.size for v in state_dict.values()):,}")
-    if meta.get("param_dtype") == "bfloat16":
-        print("bfloat16 parameters are written as float32 (exact)")
+    stored = meta.get("param_dtype", "float32")
+    print(f"parameters: {sum(v.size for v in state_dict.values()):,} ({stored}, written as is)")
     use_safetensors = True if args.safetensors else None
     with _Step(f"writing {out}"):
         save_state_dict(state_dict, out, safetensors=use_safetensors)
@@ -199,17 +206,21 @@ def cmd_inspect(args) -> int:
     path = Path(args.path)
     if path.is_dir():
         cfg, meta = jax_ckpt.read_metadata(path)
+        sources = dict.fromkeys(cfg.to_dict(), "config.json")
+        if args.window_size is not None:  # only for the stage table: a what-if
+            cfg = cfg.replace(window_size=args.window_size)
+            sources["window_size"] = "flag"
         info = {
             "path": str(path.absolute()),
             "format": "sepvit_jax",
             "config": cfg.to_dict(),
-            "sources": dict.fromkeys(cfg.to_dict(), "config.json"),
+            "sources": sources,
             "num_params": meta.get("num_params"),
-            "dtypes": {meta.get("param_dtype", "float32"): "all"},
+            "dtypes": {meta.get("param_dtype", "float32"): len(weight_table(cfg))},
             "source": meta.get("source", {}),
         }
     else:
-        state_dict, stored = _read(path, args) if not args.json else _read_quiet(path, args)
+        state_dict, stored = _read(path, args, quiet=args.json)
         resolved = pipeline.resolve_config(state_dict, flags={"window_size": args.window_size})
         cfg = resolved.config
         pipeline.check_state_dict(cfg, state_dict)
@@ -230,10 +241,6 @@ def cmd_inspect(args) -> int:
     else:
         _print_inspect(info)
     return 0
-
-
-def _read_quiet(path: Path, args):
-    return read_state_dict_and_dtypes(path, key=args.key, unsafe_pickle=args.unsafe_pickle)
 
 
 def _stages(cfg, height: int, width: int) -> list[dict]:
@@ -334,19 +341,51 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with _cli_warnings(), _terminate_as_interrupt():
+        try:
+            return args.func(args)
+        except VerificationFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            # Raised inside the command, so its temporary output was removed on the way out.
+            print("error: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        except Exception as err:
+            if args.debug:
+                raise
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 2
+
+
+@contextlib.contextmanager
+def _cli_warnings():
+    """Python warnings as one `warning: ...` line each on stderr (no source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler or `kill`) unwinds like Ctrl-C, so temporary outputs are removed."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
     try:
-        return args.func(args)
-    except VerificationFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if args.debug:
-            raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (main() called from a worker thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(err: BaseException) -> str:

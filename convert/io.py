@@ -1,19 +1,19 @@
 """Reading and writing SepViT checkpoints as flat `{upstream key: numpy array}` dictionaries.
 
 `read_state_dict` accepts what users actually hold: a `torch.save`d state_dict (zip or legacy
-pickle, any suffix), a `.safetensors` file, or either one wrapped the way training code wraps it
+pickle, any suffix) or a `.safetensors` file, raw or wrapped the way training code wraps it
 (`{"model": ...}`, `{"state_dict": ...}`, EMA copies, PyTorch Lightning checkpoints, DDP's
-`module.` and `torch.compile`'s `_orig_mod.` prefixes). Pickles are opened with
-`weights_only=True`, so a file that would run code is refused unless the caller explicitly opts
-into `unsafe_pickle`.
+`module.` and torch.compile's `_orig_mod.` prefixes: see `convert.unwrap`). Pickles are opened
+weights-only, so a file that would run code is refused unless the caller explicitly opts into
+`unsafe_pickle` (see `convert.pickles`).
 
 Dtypes: float16/float32/float64 (and integer) tensors keep their dtype. bfloat16 has no numpy
-dtype, so it becomes float32; that is exact (bfloat16 is float32 with the low 16 mantissa bits
-dropped, so every bfloat16 value is representable in float32).
+dtype torch converts to, so it becomes float32; that is exact (bfloat16 is float32 with the low 16
+mantissa bits dropped). `read_state_dict_and_dtypes` also returns the stored dtype names.
 
-`save_state_dict` writes a state_dict back out (torch pickle or safetensors) atomically: the data
-goes to a temporary sibling that is fsync'd and then renamed over the target, so a crash never
-leaves a truncated checkpoint behind.
+`save_state_dict` writes a state_dict back out (torch pickle or safetensors; float32, float16 and
+bfloat16 (`ml_dtypes.bfloat16` arrays) alike) atomically: the data goes to a temporary sibling
+that is fsync'd and then renamed over the target, so a crash never leaves a truncated file.
 
 Every failure a user can cause raises `CheckpointError`, whose message is one line naming the
 file and what is wrong with it.
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
-import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -33,26 +31,19 @@ from typing import Any
 
 import numpy as np
 
-# Containers that hold the model weights in common training scripts (timm, Lightning, DDP
-# wrappers, hand-written loops). Searched recursively, so `{"model": {"state_dict": ...}}` works.
-WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "params")
-# EMA copies; also candidates, which is why a checkpoint holding both raises and asks for `key`.
-EMA_KEYS = ("model_ema", "state_dict_ema", "ema", "ema_state_dict")
-# Prefixes that wrappers add to every key: DDP/DataParallel, torch.compile, Lightning.
-STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
-# Keys every SepViT state_dict has (first patch embedding and classifier).
-SEPVIT_MARKERS = ("layers.0.0.conv.weight", "mlp_head.2.weight")
+from convert import pickles
+from convert.errors import CheckpointError
+from convert.unwrap import SEPVIT_MARKERS, unwrap_state_dict
 
-_ZIP_MAGIC = b"PK\x03\x04"
-# What torch's weights-only unpickler says when a pickle wants a global/class it does not allow
-# (as opposed to a damaged byte stream). Matched against its "WeightsUnpickler error" detail.
-_CODE_MARKERS = ("GLOBAL", "reduce", "Can only create new object", "Can only build", "imported")
-# A nested-wrapper search deeper than this is certainly not a checkpoint layout.
-_MAX_DEPTH = 4
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read, recognised or written; the message says why."""
+__all__ = [
+    "SEPVIT_MARKERS",
+    "CheckpointError",
+    "read_state_dict",
+    "read_state_dict_and_dtypes",
+    "save_state_dict",
+    "to_numpy",
+    "unwrap_state_dict",
+]
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -75,34 +66,20 @@ def read_state_dict(
       CheckpointError: missing/unreadable/corrupt file, a pickle that would execute code, an
         ambiguous or bad `key`, or weights that are not a SepViT state_dict.
     """
-    p = Path(path)
-    _check_file(p)
-    if _is_safetensors(p):
-        raw = _load_safetensors(p)
-    else:
-        raw = _load_torch(p, unsafe_pickle=unsafe_pickle)
-    state = unwrap_state_dict(raw, key=key, source=str(p))
-    del raw  # drop wrappers (optimizer states etc.) before converting the weights
-    return _to_numpy_dict(state, source=str(p))
+    return read_state_dict_and_dtypes(path, key=key, unsafe_pickle=unsafe_pickle)[0]
 
 
 def read_state_dict_and_dtypes(
     path: str | os.PathLike, *, key: str | None = None, unsafe_pickle: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """`read_state_dict`, plus each tensor's dtype as stored (e.g. "bfloat16", before widening).
-
-    The converter reports and round-trips the stored precision, which the numpy arrays alone
-    cannot tell for bfloat16.
-    """
+    """`read_state_dict`, plus each tensor's dtype name as stored (e.g. "bfloat16")."""
     p = Path(path)
     _check_file(p)
-    raw = (
-        _load_safetensors(p) if _is_safetensors(p) else _load_torch(p, unsafe_pickle=unsafe_pickle)
-    )
+    raw = _load_safetensors(p) if _is_safetensors(p) else _load_torch(p, unsafe_pickle)
     state = unwrap_state_dict(raw, key=key, source=str(p))
-    del raw
+    del raw  # drop wrappers (optimizer states etc.) before converting the weights
     dtypes = {name: str(v.dtype).removeprefix("torch.") for name, v in state.items()}
-    return _to_numpy_dict(state, source=str(p)), dtypes
+    return {name: to_numpy(v, name, str(p)) for name, v in state.items()}, dtypes
 
 
 def _check_file(p: Path) -> None:
@@ -120,17 +97,13 @@ def _check_file(p: Path) -> None:
         raise CheckpointError(f"checkpoint file is empty (0 bytes): {p}")
 
 
-def _read_head(p: Path, n: int = 16) -> bytes:
-    with open(p, "rb") as f:
-        return f.read(n)
-
-
 def _is_safetensors(p: Path) -> bool:
     # Sniff the content first (files get renamed), the suffix only breaks ties. A safetensors
     # file starts with an 8-byte little-endian header length followed by the JSON header's "{";
     # a torch zip starts with "PK\x03\x04" and a legacy torch pickle with the PROTO opcode 0x80.
-    head = _read_head(p, 9)
-    if head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80":
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if head.startswith(pickles.ZIP_MAGIC) or head[:1] == b"\x80":
         return False
     header_len = int.from_bytes(head[:8], "little")
     if len(head) == 9 and head[8:9] == b"{" and 2 <= header_len <= p.stat().st_size - 8:
@@ -153,6 +126,8 @@ def _corrupt(p: Path, err: BaseException) -> CheckpointError:
     if "WeightsUnpickler error:" in detail:
         # Skip torch's long advice about weights_only; only the cause is useful here.
         detail = detail.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0]
+    elif "Weights only load failed" in detail:
+        detail = detail.split("trusted source.", 1)[-1].split(" Check the documentation")[0]
     # The first sentence says what broke; torch's follow-up advice does not fit on one line.
     detail = detail.strip().split(". ")[0][:200] or "no detail"
     return CheckpointError(
@@ -161,20 +136,8 @@ def _corrupt(p: Path, err: BaseException) -> CheckpointError:
     )
 
 
-def _load_torch(p: Path, *, unsafe_pickle: bool) -> Any:
-    torch = _import_torch()
-    # mmap keeps peak memory at about one copy of the weights, but only the zip format (the
-    # default since torch 1.6) supports it; the legacy format is read into memory.
-    use_mmap = _read_head(p, 4) == _ZIP_MAGIC
-    # torch.load hands any *path* ending in ".safetensors" to safetensors; a torch file that was
-    # named so (our sniffing says it is one) is passed as an open file, which rules out mmap.
-    if p.suffix.lower() == ".safetensors":
-        with open(p, "rb") as f:
-            return _torch_load(torch, p, f, mmap=False, unsafe_pickle=unsafe_pickle)
-    return _torch_load(torch, p, p, mmap=use_mmap, unsafe_pickle=unsafe_pickle)
-
-
-def _torch_load(torch, p: Path, f: Any, *, mmap: bool, unsafe_pickle: bool) -> Any:
+def _load_torch(p: Path, unsafe_pickle: bool) -> Any:
+    _import_torch()
     if unsafe_pickle:
         warnings.warn(
             f"loading {p} with unsafe_pickle: unpickling can execute arbitrary code; "
@@ -182,29 +145,25 @@ def _torch_load(torch, p: Path, f: Any, *, mmap: bool, unsafe_pickle: bool) -> A
             UserWarning,
             stacklevel=4,
         )
-        try:
-            return torch.load(f, map_location="cpu", weights_only=False, mmap=mmap)
-        except Exception as err:
-            raise _corrupt(p, err) from None
     try:
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        message = " ".join(str(err).split())
-        found = re.search(r"WeightsUnpickler error: (.+?)(?:\. |$)", message)
-        detail = found.group(1) if found else ""
-        if "Weights only load failed" in message and any(m in detail for m in _CODE_MARKERS):
-            # The weights-only unpickler stopped at a global to import or call, or a class to
-            # build: loading this file for real means running code named by the file.
-            raise CheckpointError(
-                f"refusing to load {p}: this pickle would execute code when loaded "
-                f"({detail[:200]}); if you trust the file, --unsafe-pickle "
-                "(unsafe_pickle=True) loads it"
-            ) from None
-        # Anything else the unpickler trips on (unknown opcodes, bad lengths) is damage.
-        raise _corrupt(p, err) from None
+        return pickles.load_torch(p, unsafe_pickle=unsafe_pickle)
+    except pickles.UnsafePickle as err:
+        raise CheckpointError(
+            f"refusing to load {p}: this pickle would execute code when loaded (it imports or "
+            f"calls {pickles.describe(err.names)}); if you trust the file, --unsafe-pickle "
+            "(unsafe_pickle=True) loads it"
+        ) from None
+    except (ModuleNotFoundError, AttributeError) as err:
+        if not unsafe_pickle:
+            raise _corrupt(p, err) from None
+        # A pickled module or object whose class is not importable here.
+        raise CheckpointError(
+            f"cannot unpickle {p}: it names code this environment lacks ({err}); install the "
+            "package that defined it, or save a state_dict instead (model.state_dict())"
+        ) from None
     except Exception as err:
-        # torch reports damage as RuntimeError (zip), EOFError/KeyError/ValueError (legacy
-        # pickle) and more; none of them tells the user more than "corrupt".
+        # torch reports damage as RuntimeError (zip), EOFError/KeyError/ValueError/
+        # UnpicklingError (legacy pickle) and more; none tells the user more than "corrupt".
         raise _corrupt(p, err) from None
 
 
@@ -216,7 +175,7 @@ def _load_safetensors(p: Path) -> dict[str, Any]:
             "reading .safetensors files needs safetensors: pip install 'sepvit-jax[torch]'"
         ) from None
     try:
-        import torch  # noqa: F401  (the "pt" framework reads bfloat16; numpy cannot)
+        import torch  # noqa: F401  (the "pt" framework reads bfloat16 as torch does)
 
         framework = "pt"
     except ImportError:
@@ -231,177 +190,15 @@ def _load_safetensors(p: Path) -> dict[str, Any]:
         raise _corrupt(p, err) from None
 
 
-# ---- unwrapping ------------------------------------------------------------------------------
-
-
-def _is_tensor(value: Any) -> bool:
-    if isinstance(value, np.ndarray):
-        return True
-    torch = _torch_if_loaded()
-    return torch is not None and isinstance(value, torch.Tensor)
-
-
-def _torch_if_loaded():
-    # A value can only be a torch tensor (or module) if torch was imported already; avoid
-    # importing it just to check.
-    import sys
-
-    return sys.modules.get("torch")
-
-
-def _is_module(value: Any) -> bool:
-    torch = _torch_if_loaded()
-    return torch is not None and isinstance(value, torch.nn.Module)
-
-
-def _is_state_dict(value: Any) -> bool:
-    return (
-        isinstance(value, Mapping)
-        and len(value) > 0
-        and all(isinstance(k, str) for k in value)
-        and all(_is_tensor(v) for v in value.values())
-    )
-
-
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip `module.`/`_orig_mod.`/`model.` in any order and repetition, while EVERY key has it."""
-    keys = list(state)
-    offset = 0
-    changed = True
-    while changed and keys:
-        changed = False
-        for prefix in STRIP_PREFIXES:
-            if all(k.startswith(prefix, offset) for k in keys):
-                offset += len(prefix)
-                changed = True
-    return {k[offset:]: v for k, v in state.items()}
-
-
-def _looks_like_sepvit(state: Mapping[str, Any]) -> bool:
-    stripped = _strip_prefixes(state)
-    return all(m in stripped for m in SEPVIT_MARKERS)
-
-
-def _describe_keys(obj: Mapping, limit: int = 12) -> str:
-    names = [repr(k) for k in list(obj)[:limit]]
-    more = f", ... ({len(obj)} in all)" if len(obj) > limit else ""
-    return ", ".join(names) + more if names else "(none)"
-
-
-def _find_candidates(obj: Any, names: tuple[str, ...] | None, path: str, depth: int) -> list:
-    """Dotted paths of state_dicts reachable from `obj` through the entries `names`.
-
-    `names=None` follows every entry (the fallback when no known wrapper name matches).
-    """
-    found: list[tuple[str, Any]] = []
-    if depth > _MAX_DEPTH or not isinstance(obj, Mapping):
-        return found
-    for k, v in obj.items():
-        if not isinstance(k, str) or (names is not None and k not in names):
-            continue
-        sub = f"{path}.{k}" if path else k
-        if _is_module(v):
-            v = v.state_dict()
-        if _is_state_dict(v):
-            found.append((sub, v))
-        else:
-            found.extend(_find_candidates(v, names, sub, depth + 1))
-    return found
-
-
-def _select_key(obj: Any, key: str, source: str) -> Any:
-    """Follow a dotted `key`; an entry whose own name contains dots also matches."""
-    parts = key.split(".")
-    current = obj
-    walked: list[str] = []
-    i = 0
-    while i < len(parts):
-        if _is_module(current):
-            current = current.state_dict()
-        if not isinstance(current, Mapping):
-            where = f"entry {'.'.join(walked)!r}" if walked else "the checkpoint"
-            raise CheckpointError(
-                f"{source}: cannot select key {key!r}: {where} is a "
-                f"{type(current).__name__}, not a dict"
-            )
-        # Longest match first, so a literal key "ema.module" wins over nested ema -> module.
-        for j in range(len(parts), i, -1):
-            name = ".".join(parts[i:j])
-            if name in current:
-                current = current[name]
-                walked.append(name)
-                i = j
-                break
-        else:
-            where = f" under {'.'.join(walked)!r}" if walked else ""
-            raise CheckpointError(
-                f"{source}: no entry {'.'.join(parts[i:])!r}{where} (from --key {key!r}); "
-                f"available keys: {_describe_keys(current)}"
-            )
-    return current
-
-
-def unwrap_state_dict(
-    obj: Any, *, key: str | None = None, source: str = "checkpoint"
-) -> dict[str, Any]:
-    """Find the SepViT state_dict inside a loaded checkpoint object and strip wrapper prefixes.
-
-    Values are returned unconverted (torch tensors or numpy arrays). `obj` may be a state_dict,
-    a wrapper dict (see WRAPPER_KEYS / EMA_KEYS, nested, Lightning), or an `nn.Module`. `key`
-    selects an entry explicitly (dotted for nesting). `source` names the checkpoint in errors.
-
-    Raises:
-      CheckpointError: no state_dict found, several found and no `key`, a bad `key`, or a
-        state_dict that lacks the SepViT marker keys.
-    """
-    if key:
-        obj = _select_key(obj, key, source)
-    if _is_module(obj):
-        obj = obj.state_dict()
-    if _is_state_dict(obj):
-        state = obj
-    elif isinstance(obj, Mapping):
-        candidates = _find_candidates(obj, WRAPPER_KEYS + EMA_KEYS, "", 0)
-        if not candidates:
-            # Unknown wrapper names: look everywhere, but an optimizer's per-parameter state is
-            # also "a dict of tensors", so prefer what looks like SepViT.
-            candidates = _find_candidates(obj, None, "", 0)
-            sepvit = [c for c in candidates if _looks_like_sepvit(c[1])]
-            candidates = sepvit or candidates
-        if not candidates:
-            raise CheckpointError(
-                f"{source}: found no state_dict (a dict of tensors) in the checkpoint; "
-                f"its top-level keys are {_describe_keys(obj)}"
-            )
-        # The same dict reachable under two names (e.g. aliases) is not a real choice.
-        candidates = list({id(c[1]): c for c in candidates}.values())
-        if len(candidates) > 1:
-            names = ", ".join(repr(c[0]) for c in candidates)
-            raise CheckpointError(
-                f"{source}: the checkpoint holds several state_dicts ({names}); "
-                "pick one with --key (key=...), e.g. --key " + candidates[0][0]
-            )
-        state = candidates[0][1]
-    else:
-        raise CheckpointError(
-            f"{source}: expected a state_dict or a dict wrapping one, got {type(obj).__name__}"
-        )
-    state = _strip_prefixes(state)
-    missing = [m for m in SEPVIT_MARKERS if m not in state]
-    if missing:
-        raise CheckpointError(
-            f"{source}: does not look like a SepViT state_dict: no {missing[0]!r} "
-            f"({len(state)} keys, e.g. {_describe_keys(state, limit=6)})"
-        )
-    return state
-
-
 # ---- conversion to numpy ---------------------------------------------------------------------
 
 
-def _to_numpy(value: Any, name: str, source: str) -> np.ndarray:
+def to_numpy(value: Any, name: str = "tensor", source: str = "state_dict") -> np.ndarray:
+    """A numpy array of a torch tensor (bfloat16 widened to float32, exactly) or an array."""
     if isinstance(value, np.ndarray):
         return value
+    if not type(value).__module__.startswith("torch"):
+        return np.asarray(value)
     torch = _import_torch()
     t = value.detach().cpu()
     if t.dtype == torch.bfloat16:
@@ -419,10 +216,6 @@ def _to_numpy(value: Any, name: str, source: str) -> np.ndarray:
     # the (memory-mapped) storage, so peak memory stays near one copy of the file.
     whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes
     return array if whole else np.ascontiguousarray(array).copy()
-
-
-def _to_numpy_dict(state: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
-    return {name: _to_numpy(v, name, source) for name, v in state.items()}
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -471,7 +264,7 @@ def save_state_dict(
             torch = _import_torch()
             with os.fdopen(fd, "wb") as f:
                 fd = -1  # the file object owns it now
-                torch.save({k: torch.from_numpy(a) for k, a in arrays.items()}, f)
+                torch.save({k: _to_torch(torch, a) for k, a in arrays.items()}, f)
                 f.flush()
                 os.fsync(f.fileno())
         _apply_umask(tmp)
@@ -483,6 +276,12 @@ def save_state_dict(
             tmp.unlink()
         raise
     _fsync_dir(p.parent)
+
+
+def _to_torch(torch, array: np.ndarray):
+    if array.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: torch.from_numpy rejects it
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _write_safetensors(arrays: Mapping[str, np.ndarray], path: Path) -> None:

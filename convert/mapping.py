@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from convert.io import to_numpy
 from sepvit_jax.config import SepViTConfig
 
 FlaxPath = tuple[str | int, ...]
@@ -113,20 +114,6 @@ def _variable(model, path: FlaxPath):
     return node
 
 
-def to_numpy(value: Any) -> np.ndarray:
-    """A numpy array from a numpy array or a torch tensor (bfloat16 widened to float32, exact)."""
-    if isinstance(value, np.ndarray):
-        return value
-    if type(value).__module__.startswith("torch"):
-        import torch  # only when the caller already holds torch tensors
-
-        tensor = value.detach().cpu()
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.float()
-        return tensor.numpy()
-    return np.asarray(value)
-
-
 def state_dict_to_nnx(model, state_dict: Mapping[str, Any]):
     """Copy a torch-named state_dict (numpy arrays or torch tensors) into `model` in place.
 
@@ -144,7 +131,7 @@ def state_dict_to_nnx(model, state_dict: Mapping[str, Any]):
         if row.torch_key not in state_dict:
             continue
         variable = _variable(model, row.flax_path)
-        source = to_numpy(state_dict[row.torch_key])
+        source = to_numpy(state_dict[row.torch_key], row.torch_key)
         target_shape = tuple(variable.shape)
         expected_torch_shape = row.transform.to_torch(np.empty(target_shape, np.int8)).shape
         if source.shape != expected_torch_shape:
@@ -185,24 +172,13 @@ def from_state_dict(
 ):
     """A new `sepvit_jax.SepViT` holding `state_dict`, without running any random init.
 
-    The model is traced abstractly (`nnx.eval_shape`), so converting a large checkpoint costs no
-    initialisation time or memory; the parameters are then filled from the table. Dropout RNG
-    streams, the only other state, get fresh keys derived from `seed`.
+    The model is traced abstractly (`sepvit_jax.checkpoint.abstract_model`), so converting a
+    large checkpoint costs no initialisation time or memory; the parameters are then filled from
+    the table, and the dropout RNG streams, the only other state, get keys derived from `seed`.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    from sepvit_jax.checkpoint import abstract_model, fill_rng_state
 
-    from sepvit_jax.model import SepViT
-
-    dtypes = dict(dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32)
-    model = nnx.eval_shape(lambda: SepViT.from_config(config, rngs=nnx.Rngs(seed), **dtypes))
+    model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, seed=seed)
     state_dict_to_nnx(model, state_dict)
-    base_key = jax.random.key(seed)
-    rng_variables = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.RngState)]
-    for index, variable in enumerate(rng_variables):
-        if isinstance(variable, nnx.RngKey):
-            variable.set_value(jax.random.fold_in(base_key, index))
-        else:
-            variable.set_value(jnp.zeros(variable.shape, variable.dtype))
+    fill_rng_state(model, seed)
     return model

@@ -87,11 +87,13 @@ def resolve_config(
     flags: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     config_origin: str = "--config",
+    flags_origin: str = "flag",
 ) -> Resolved:
     """The SepViTConfig of a state_dict: shapes from the weights, the rest flag > config > default.
 
     `flags` and `config` may name any config field (and "dtype"); a value the weights contradict
-    is an error naming both values. Raises CheckpointError.
+    is an error naming both values. `flags_origin` names the flags in messages and sources
+    ("flag" for the CLI, "argument" for the Python API). Raises CheckpointError.
     """
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     config = dict(config or {})
@@ -100,6 +102,8 @@ def resolve_config(
         raise CheckpointError(f"unknown SepViT config fields {unknown}")
     window, window_src = _pick("window_size", flags, config, None)
     dropout, dropout_src = _pick("dropout", flags, config, NOT_IN_WEIGHTS["dropout"])
+    if dropout_src == "flag":
+        dropout_src = flags_origin
     dtype, dtype_src = _pick("dtype", flags, config, "float32")
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -107,14 +111,15 @@ def resolve_config(
         window = tuple(window)
     cfg, sources = infer_config(state_dict, window_size=window, dropout=dropout)
     sources["window_size"] = "default" if window is None else window_src
+    sources = {k: flags_origin if v == "flag" else v for k, v in sources.items()}
     sources["dropout"] = dropout_src
 
     contradictions, adopt = [], {}
-    for origin_name, given_values in (("flag", flags), (config_origin, config)):
+    for origin_name, given_values in ((flags_origin, flags), (config_origin, config)):
         for field, given in given_values.items():
             if field in NOT_IN_WEIGHTS or field == "dtype":
                 continue
-            if field in flags and origin_name != "flag":
+            if field in flags and given_values is not flags:
                 continue  # the flag wins; it was checked already
             if not _agrees(field, given, cfg):
                 contradictions.append(
@@ -123,12 +128,12 @@ def resolve_config(
                 )
             elif field == "ff_mult" and given != cfg.ff_mult:
                 adopt[field] = given
-                sources[field] = "flag" if origin_name == "flag" else "config"
+                sources[field] = flags_origin if given_values is flags else "config"
     if contradictions:
         raise CheckpointError("; ".join(contradictions))
     if adopt:
         cfg = cfg.replace(**adopt)
-    sources["dtype"] = dtype_src
+    sources["dtype"] = flags_origin if dtype_src == "flag" else dtype_src
     return Resolved(cfg, dtype, sources)
 
 
@@ -187,7 +192,7 @@ def check_state_dict(cfg: SepViTConfig, state_dict: Mapping[str, Any]) -> None:
 
 
 def params_tree(cfg: SepViTConfig, state_dict: Mapping[str, np.ndarray], param_dtype: str):
-    """The NNX pure-dict parameter tree (`nnx.state(model, nnx.Param).to_pure_dict()` layout).
+    """The NNX pure-dict parameter tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`).
 
     Leaves stay views of the state_dict where the layout allows (no copy for float32 ->
     float32), so the peak memory of a conversion is about one copy of the weights.
@@ -281,13 +286,12 @@ def verify(cfg: SepViTConfig, state_dict: Mapping[str, np.ndarray], flax_model, 
 def flax_dir_state_dict(directory) -> tuple[SepViTConfig, dict[str, np.ndarray], dict]:
     """(config, torch-named state_dict, sepvit.json) of a sepvit_jax checkpoint directory.
 
-    bfloat16 parameters are widened to float32 (exact); float16 and float32 stay as stored.
+    Arrays keep the stored dtype (bfloat16 as `ml_dtypes.bfloat16`, which `convert.io`
+    writes as torch bfloat16).
     """
     from convert.mapping import nnx_to_state_dict
     from sepvit_jax.checkpoint import load, read_metadata
 
     _, meta = read_metadata(directory)
     model = load(directory)
-    sd = nnx_to_state_dict(model)
-    sd = {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in sd.items()}
-    return model.config, sd, meta
+    return model.config, nnx_to_state_dict(model), meta

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,14 +45,14 @@ def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -
     On any exception the temporary directory is removed and `directory` is left as it was.
     """
     final = Path(directory).absolute()
-    _check_target(final, overwrite)
+    check_target(final, overwrite)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-        _check_target(final, overwrite)  # it may have appeared meanwhile
+        check_target(final, overwrite)  # it may have appeared meanwhile
         if final.exists():
             old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
             os.replace(final, old / "x")
@@ -64,7 +65,8 @@ def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -
         raise
 
 
-def _check_target(final: Path, overwrite: bool) -> None:
+def check_target(final: Path, overwrite: bool) -> None:
+    """Raise unless `final` may become a checkpoint directory (see `atomic_directory`)."""
     if not final.parent.is_dir():
         raise FileNotFoundError(f"cannot write {final}: directory {final.parent} does not exist")
     if not final.exists() and not final.is_symlink():
@@ -138,7 +140,23 @@ def _checkpointer():
     import orbax.checkpoint as ocp
 
     # Synchronous (no background commit thread): the directory is complete on return.
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    return ocp.Checkpointer(
+        ocp.StandardCheckpointHandler(), multiprocessing_options=_this_process_only()
+    )
+
+
+def _this_process_only():
+    """Orbax options for a write or read by this process alone, from host arrays.
+
+    This format is written by one process (process 0 of a training run, after gathering) and
+    read by any process independently; without this, Orbax would wait at a barrier for every
+    process of a multi-process run.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
 def _orbax_save(path: Path, params: Mapping[str, Any]) -> None:
@@ -162,8 +180,22 @@ def _orbax_save(path: Path, params: Mapping[str, Any]) -> None:
     handler = ocp.PyTreeCheckpointHandler(
         use_ocdbt=False, use_compression=False, type_handler_registry=registry
     )
-    with ocp.Checkpointer(handler) as ckptr:
+    _hide_ocdbt_merge_warning()
+    with ocp.Checkpointer(handler, multiprocessing_options=_this_process_only()) as ckptr:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))
+
+
+class _OcdbtMergeFilter(logging.Filter):
+    # Orbax's finalize always tries to merge per-process OCDBT files, and warns that it found
+    # none when OCDBT is off, as it is here on purpose. Only that one message is dropped.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in str(record.msg)
+
+
+def _hide_ocdbt_merge_warning() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OcdbtMergeFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_OcdbtMergeFilter())
 
 
 def _args():
@@ -182,9 +214,13 @@ def save(
     """
     from flax import nnx
 
-    params = nnx.state(model, nnx.Param).to_pure_dict()
-    leaves = list(_leaves(params))
-    param_dtype = _dtype_name(leaves[0].dtype)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    dtypes = sorted({_dtype_name(leaf.dtype) for leaf in _leaves(params)})
+    if len(dtypes) != 1:
+        # The format records one parameter dtype (what `load` restores into); a mix would be
+        # silently cast on load.
+        raise ValueError(f"cannot save a model with mixed parameter dtypes {dtypes}; cast it first")
+    param_dtype = dtypes[0]
     return write_checkpoint(
         directory,
         model.config,
@@ -237,15 +273,41 @@ def restore_params(directory: str | os.PathLike, target: Mapping[str, Any]) -> d
     path = Path(directory).absolute() / PARAMS_DIR
     if not path.is_dir():
         raise ValueError(f"broken sepvit_jax checkpoint {directory}: no {PARAMS_DIR}/ directory")
+    where = f"cannot restore the parameters of {directory} (do they match its {CONFIG_FILE}?)"
     try:
         with _checkpointer() as ckptr:
+            # Compare shapes first: a mismatch found mid-restore leaves Orbax's other reads
+            # dangling (unretrieved task exceptions), and this names every offending tensor.
+            _check_stored_shapes(ckptr.metadata(path), target, where)
             return ckptr.restore(path, args=_args().StandardRestore(target))
     except (ValueError, KeyError, TypeError, OSError) as err:
+        if str(err).startswith(where):
+            raise
         detail = " ".join(str(err).split())[:300]
-        raise ValueError(
-            f"cannot restore the parameters of {directory} (do they match its {CONFIG_FILE}?): "
-            f"{type(err).__name__}: {detail}"
-        ) from None
+        raise ValueError(f"{where}: {type(err).__name__}: {detail}") from None
+
+
+def _check_stored_shapes(metadata, target: Mapping[str, Any], where: str) -> None:
+    import jax
+
+    def flat(tree) -> dict[str, tuple[int, ...]]:
+        return {
+            "/".join(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape)
+            for keys, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        }
+
+    tree = getattr(metadata, "item_metadata", metadata)
+    stored, wanted = flat(getattr(tree, "tree", tree)), flat(target)
+    problems = [f"missing {k}" for k in wanted if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in wanted]
+    problems += [
+        f"{k}: stored {stored[k]}, expected {shape}"
+        for k, shape in wanted.items()
+        if k in stored and stored[k] != shape
+    ]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{where}: {'; '.join(problems[:3])}{more}")
 
 
 def abstract_model(config: SepViTConfig, *, dtype=None, param_dtype=None, seed: int = 0):
@@ -278,17 +340,20 @@ def load(directory: str | os.PathLike, *, dtype=None, param_dtype=None, seed: in
     dtype = jnp.dtype(dtype or meta.get("dtype") or param_dtype)
     model = abstract_model(config, dtype=dtype, param_dtype=param_dtype, seed=seed)
     state = nnx.state(model, nnx.Param)
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, stored), state.to_pure_dict())
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, stored), nnx.to_pure_dict(state))
     restored = restore_params(directory, target)
     restored = jax.tree.map(lambda a: a.astype(param_dtype), restored)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
-    _fill_rng_state(model, seed)
+    fill_rng_state(model, seed)
     return model
 
 
-def _fill_rng_state(model, seed: int) -> None:
-    """Give the RNG variables (abstract after eval_shape) real values derived from `seed`."""
+def fill_rng_state(model, seed: int = 0) -> None:
+    """Give the RNG variables of an abstract model (`abstract_model`) values derived from `seed`.
+
+    Parameters are left alone; fill them from a checkpoint or a state_dict.
+    """
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -323,14 +388,15 @@ def from_torch(
       **overrides: config fields. `window_size` (default 7, what upstream always uses) and
         `dropout` (default 0) are not in the weights; any other field must agree with them.
     """
-    from convert.io import read_state_dict, unwrap_state_dict
-    from convert.mapping import from_state_dict, to_numpy
-    from convert.pipeline import resolve_config
+    from convert.io import read_state_dict, to_numpy, unwrap_state_dict
+    from convert.mapping import from_state_dict
+    from convert.pipeline import check_state_dict, resolve_config
 
     if isinstance(path_or_state_dict, str | os.PathLike):
         sd = read_state_dict(path_or_state_dict, key=key, unsafe_pickle=unsafe_pickle)
     else:
         raw = unwrap_state_dict(path_or_state_dict, key=key, source="state_dict")
-        sd = {name: to_numpy(value) for name, value in raw.items()}
-    resolved = resolve_config(sd, flags=overrides)
-    return from_state_dict(resolved.config, sd, dtype=dtype, param_dtype=param_dtype, seed=seed)
+        sd = {name: to_numpy(value, name) for name, value in raw.items()}
+    config = resolve_config(sd, flags=overrides, flags_origin="argument").config
+    check_state_dict(config, sd)
+    return from_state_dict(config, sd, dtype=dtype, param_dtype=param_dtype, seed=seed)

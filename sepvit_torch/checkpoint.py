@@ -26,8 +26,8 @@ def load(
     """A float32 `sepvit_torch.SepViT` holding the weights of `path` (loaded with strict=True).
 
     Args:
-      path: a torch/safetensors checkpoint file, or a sepvit_jax checkpoint directory (bfloat16
-        parameters are widened to float32, exactly).
+      path: a torch/safetensors checkpoint file, or a sepvit_jax checkpoint directory; any
+        stored precision becomes float32 (exactly, for float16 and bfloat16).
       key: for wrapped torch checkpoints with several state_dicts (e.g. "model_ema").
       unsafe_pickle: allow pickles that run code (trusted files only).
       **overrides: config fields for a torch checkpoint: `window_size` (default 7, upstream's)
@@ -36,7 +36,7 @@ def load(
     The model is returned in training mode, as torch modules are built; call `.eval()`.
     """
     from convert.io import CheckpointError, read_state_dict
-    from convert.pipeline import flax_dir_state_dict, resolve_config
+    from convert.pipeline import check_state_dict, flax_dir_state_dict, resolve_config
 
     p = Path(path)
     if p.is_dir():
@@ -48,7 +48,8 @@ def load(
         config, state_dict, _ = flax_dir_state_dict(p)
     else:
         state_dict = read_state_dict(p, key=key, unsafe_pickle=unsafe_pickle)
-        config = resolve_config(state_dict, flags=overrides).config
+        config = resolve_config(state_dict, flags=overrides, flags_origin="argument").config
+        check_state_dict(config, state_dict)
     model = SepViT.from_config(config)
     model.load_state_dict(
         {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in state_dict.items()},

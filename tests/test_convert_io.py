@@ -7,9 +7,11 @@ The weights come from the golden fixtures copied into tests/fixtures.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
+import pickle
 import warnings
 from pathlib import Path
 
@@ -218,15 +220,40 @@ def test_prefixes(tmp_path, sd, prefix, wrapper):
     assert_same(got, sd)
 
 
-def test_prefix_kept_unless_every_key_has_it(sd):
+def test_keys_outside_the_sepvit_prefix_are_dropped_with_a_warning(sd):
     state = {f"module.{k}": v for k, v in sd.items()}
-    state["head_extra.weight"] = torch.zeros(1)  # one key without the prefix
-    with pytest.raises(CheckpointError, match="no 'layers.0.0.conv.weight'"):
-        unwrap_state_dict(state)
-    # And a key that happens to start with "model." in a plain SepViT dict stays as it is.
+    state["head_extra.weight"] = torch.zeros(1)  # another module's key, beside the SepViT
+    with pytest.warns(UserWarning, match=r"under 'module\.'; ignoring 1 others.*head_extra"):
+        got = unwrap_state_dict(state)
+    assert list(got) == list(sd)
+    # A key that happens to start with "model." in a plain SepViT dict stays as it is (and the
+    # strict check of the converter then rejects it).
     state = dict(sd)
     state["model.extra"] = torch.zeros(1)
     assert list(unwrap_state_dict(state)) == list(state)
+
+
+@pytest.mark.parametrize("attr", ["net", "backbone.encoder", "model._orig_mod"])
+def test_any_attribute_prefix(tmp_path, sd, attr):
+    """Lightning modules name their network freely (`self.net`, `self.backbone`...)."""
+    lightning = {"state_dict": {f"{attr}.{k}": v for k, v in sd.items()}, "epoch": 1}
+    assert_same(read_state_dict(save(lightning, tmp_path / "lit.ckpt")), sd)
+
+
+def test_two_models_in_one_state_dict_need_key(tmp_path, sd):
+    flat = {**{f"model.{k}": v for k, v in sd.items()}}
+    flat.update({f"model_ema.module.{k}": v + 1 for k, v in sd.items()})
+    path = save({"state_dict": flat, "epoch": 2}, tmp_path / "lit.ckpt")
+    with pytest.raises(CheckpointError, match="'state_dict.model', 'state_dict.model_ema.module'"):
+        read_state_dict(path)
+    assert_same(read_state_dict(path, key="state_dict.model"), sd)
+    assert_same(read_state_dict(path, key="state_dict.model_ema"), _ema(sd))
+    assert_same(read_state_dict(path, key="state_dict.model_ema.module"), _ema(sd))
+    # At the top level too.
+    path = save(flat, tmp_path / "flat.pt")
+    with pytest.raises(CheckpointError, match="'model', 'model_ema.module'"):
+        read_state_dict(path)
+    assert_same(read_state_dict(path, key="model_ema"), _ema(sd))
 
 
 def test_unwrap_in_memory_module_and_numpy(sd):
@@ -408,6 +435,37 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, sd, wrap):
     assert not canary.exists()
 
 
+class System:
+    """Unpickling runs a shell command (the classic payload)."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+@pytest.mark.parametrize("payload", [Touch, System])
+def test_raw_pickles_of_every_protocol_are_refused(tmp_path, protocol, payload):
+    canary = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"state_dict": payload(canary)}, protocol=protocol))
+    name = "pathlib" if payload is Touch else "system"
+    with pytest.raises(CheckpointError, match=f"would execute code .*{name}"):
+        read_state_dict(path)
+    assert not canary.exists()
+
+
+def test_plain_data_beside_the_weights_is_not_code(tmp_path, sd):
+    """timm saves argparse.Namespace args, scripts save numpy metrics: weights-only reads them."""
+    ckpt = {"state_dict": sd, "args": argparse.Namespace(lr=0.1), "best": np.float64(0.9)}
+    assert_same(read_state_dict(save(ckpt, tmp_path / "timm.pth.tar")), sd)
+    # Weights kept as numpy arrays, beside numpy statistics.
+    ckpt = {"model": {k: v.numpy() for k, v in sd.items()}, "mean": np.array([0.5, 0.4])}
+    assert_same(read_state_dict(save(ckpt, tmp_path / "numpy.pt")), sd)
+
+
 def test_unsafe_pickle_loads_a_module_with_a_warning(tmp_path, sd):
     path = save(Tree(sd), tmp_path / "module.pt")
     with pytest.raises(CheckpointError, match="execute code"):
@@ -572,6 +630,22 @@ def test_save_safetensors_round_trip(tmp_path, sd, how):
     save_state_dict(arrays, path, safetensors=None if how == "suffix" else True)
     assert path.read_bytes()[8:9] == b"{"  # a safetensors header, not a torch zip
     assert_same(read_state_dict(path), sd)
+
+
+@pytest.mark.parametrize("name", ["out.pt", "out.safetensors"])
+def test_save_bfloat16_arrays(tmp_path, sd, name):
+    import ml_dtypes
+
+    arrays = {k: v.float().numpy().astype(ml_dtypes.bfloat16) for k, v in sd.items()}
+    save_state_dict(arrays, tmp_path / name)
+    if name.endswith(".pt"):
+        loaded = torch.load(tmp_path / name, weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        loaded = load_file(tmp_path / name)
+    for k, v in sd.items():
+        assert loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], v.bfloat16()), k
 
 
 def test_save_torch_when_suffix_says_safetensors_but_flag_says_no(tmp_path, sd):
