@@ -24,65 +24,65 @@ from sepvit_jax.config import CONFIGS, SepViTConfig
 TRANSIENT = ("resume", "eval_only", "stop_at_step", "config")
 
 
+def _setting(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Settings of one run (each field is the flag `--field-name`).
+    """Settings of one run; each field is the flag `--field-name` (see `python train.py -h`)."""
 
-    Args:
-      model: a named variant (`digits`, `testing`, `sepvit_lite`, ...), optionally with
-        overrides `digits,dim=48,depth=2-2` (tuples with '-'), or sizes alone
-        `dim=32,depth=1-1,heads=1-2`, or a JSON object. num_classes and channels come from data.
-      data, data_dir, image_size, num_workers, prefetch, max_bad_fraction: the input pipeline.
-      batch_size: global batch (all devices and processes together).
-      epochs: length of the run; `steps` overrides it when set.
-      lr, warmup_steps, weight_decay, clip_norm, label_smoothing, min_lr_ratio: optimisation;
-        warmup_steps -1 means one epoch.
-      grad_accum: micro-batches per step.
-      dtype: compute dtype, float32 or bfloat16 (parameters stay float32).
-      mesh: e.g. `data=-1,fsdp=1`.
-      seed: parameter init, dropout and data order.
-      runs_dir, run_name: the run writes `runs_dir/run_name/`.
-      checkpoint_every: steps between checkpoints (0: once per epoch); keep: last N kept (plus
-        the best by test accuracy).
-      log_every: steps between logged train metrics (0: once per epoch).
-      init_from: a `convert torch2flax` output directory to start from.
-      eval_only, resume: evaluate / continue `run_name` from its latest checkpoint.
-      stop_at_step: stop (and checkpoint) once this step is reached, schedule unchanged.
-      coordinator_address, num_processes, process_id: multi-host launch.
-    """
-
-    model: str = "digits"
-    data: str = "digits"
-    data_dir: str | None = None
-    image_size: int = 56
-    num_workers: int = 0
-    prefetch: int = 2
-    max_bad_fraction: float = 0.01
-    batch_size: int = 64
-    epochs: int = 12
-    steps: int | None = None
-    lr: float = 2e-3
-    warmup_steps: int = -1
-    weight_decay: float = 0.05
-    clip_norm: float = 1.0
-    label_smoothing: float = 0.1
-    min_lr_ratio: float = 0.0
-    grad_accum: int = 1
-    dtype: str = "float32"
-    mesh: str = "data=-1,fsdp=1"
-    seed: int = 0
-    runs_dir: str = "runs"
-    run_name: str | None = None
-    checkpoint_every: int = 0
-    keep: int = 2
-    log_every: int = 0
-    init_from: str | None = None
-    eval_only: bool = False
-    resume: bool = False
-    stop_at_step: int | None = None
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    # ---- model and data ----
+    model: str = _setting(
+        "digits",
+        "a named variant (" + ", ".join(CONFIGS) + "), optionally with overrides "
+        "('digits,dim=48,depth=2-2'; tuples with '-'), or sizes alone "
+        "('dim=32,depth=1-1,heads=1-2'), or a JSON object; num_classes and channels come "
+        "from the data",
+    )
+    data: str = _setting("digits", "digits | imagefolder | synthetic")
+    data_dir: str | None = _setting(None, "imagefolder root holding train/CLASS/* and val/CLASS/*")
+    image_size: int = _setting(56, "side of the square images the model sees")
+    num_workers: int = _setting(0, "Grain worker processes (0: read in this process)")
+    prefetch: int = _setting(2, "batches read ahead (per worker)")
+    max_bad_fraction: float = _setting(
+        0.01, "abort once more than this fraction of an imagefolder split is unreadable"
+    )
+    # ---- optimisation ----
+    batch_size: int = _setting(64, "global batch: all devices and processes together")
+    epochs: int = _setting(12, "length of the run in epochs")
+    steps: int | None = _setting(None, "length of the run in steps (overrides --epochs)")
+    lr: float = _setting(2e-3, "peak learning rate of AdamW")
+    warmup_steps: int = _setting(-1, "linear warm-up steps (-1: one epoch), then cosine decay")
+    weight_decay: float = _setting(
+        0.05, "AdamW decoupled weight decay (not on norms, biases, window tokens)"
+    )
+    clip_norm: float = _setting(1.0, "global gradient-norm clip (0: off)")
+    label_smoothing: float = _setting(0.1, "label smoothing of the training loss")
+    min_lr_ratio: float = _setting(0.0, "final learning rate as a fraction of --lr")
+    grad_accum: int = _setting(1, "micro-batches per step (gradients averaged)")
+    dtype: str = _setting("float32", "compute dtype: float32 | bfloat16 (parameters float32)")
+    # ---- devices ----
+    mesh: str = _setting("data=-1,fsdp=1", "device mesh axes (-1: the remaining devices)")
+    seed: int = _setting(0, "seed of the initialisation, dropout and data order")
+    # ---- run directory and checkpoints ----
+    runs_dir: str = _setting("runs", "where run directories go")
+    run_name: str | None = _setting(None, "the run directory's name (default: data and time)")
+    checkpoint_every: int = _setting(0, "steps between checkpoints (0: every epoch)")
+    keep: int = _setting(2, "checkpoints kept: the last N, plus the best N by test accuracy")
+    log_every: int = _setting(0, "steps between logged training metrics (0: every epoch)")
+    init_from: str | None = _setting(
+        None, "start from a `convert torch2flax` (or `sepvit_jax.save`) directory"
+    )
+    eval_only: bool = _setting(False, "evaluate --run-name's latest checkpoint (or --init-from)")
+    resume: bool = _setting(False, "continue --run-name from its latest checkpoint, exactly")
+    stop_at_step: int | None = _setting(
+        None, "stop and checkpoint at this step; the schedule is unchanged"
+    )
+    # ---- several hosts (otherwise read from the cluster's environment, if any) ----
+    coordinator_address: str | None = _setting(None, "host:port of process 0")
+    num_processes: int | None = _setting(None, "number of processes of a multi-host run")
+    process_id: int | None = _setting(None, "this process's index in a multi-host run")
 
     def to_json(self) -> str:
         return json.dumps(
@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=f"(default {f.default})")
-        elif f.name != "config":
-            parser.add_argument(flag, help=f"(default {f.default})")
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, help=f"{f.metadata['help']} (default {f.default})")
     return parser
 
 
