@@ -95,11 +95,12 @@ class ShardingRules:
 
     Args:
       fsdp_min_size: arrays with fewer elements stay replicated (sharding small tensors costs
-        more in collectives than it saves in memory).
+        more in collective latency than it saves in memory). 2**20 float32 elements is 4 MiB,
+        big_vision's threshold; sepvit_base's feed-forward kernels are 4M elements.
       fsdp_axis: the mesh axis large arrays are sharded over.
     """
 
-    fsdp_min_size: int = 2**14
+    fsdp_min_size: int = 2**20
     fsdp_axis: str = "fsdp"
 
     def spec(self, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -144,11 +145,6 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum: int = 1) ->
         raise MeshError(
             f"{what} is not divisible by the data-parallel size {dp} "
             f"(mesh {dict(mesh.shape)}: the batch is split over data x fsdp)"
-        )
-    if jax.process_count() > 1 and global_batch_size % jax.process_count():
-        raise MeshError(
-            f"global batch size {global_batch_size} is not divisible by the "
-            f"{jax.process_count()} processes"
         )
 
 

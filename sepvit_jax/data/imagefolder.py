@@ -106,8 +106,8 @@ def scan(root: str) -> _Tree:
 # opening every file up front: a PIL verify() pass is fine for a small tree but takes many
 # minutes on ImageNet, and it would run again in every process. Each process (worker processes
 # included) records the distinct unreadable paths it met, logs them, and raises DataError as
-# soon as the count exceeds max_bad_fraction of the split. The check is therefore per process:
-# with several workers the limit is reached a little later than with one, never spuriously.
+# soon as the count exceeds max_bad_fraction of its share of the split: each of the `readers`
+# processes (workers x JAX processes) decodes about 1/readers of the files of an epoch.
 # What "skipped" means keeps batch shapes static and the pipeline deterministic:
 #   * train: the slot of an unreadable file is filled by the next readable file in listing
 #     order (same class in practice), so batch composition depends only on (seed, step), never
@@ -128,7 +128,9 @@ def unreadable_images() -> dict[str, list[str]]:
         return {split: sorted(paths) for split, paths in _bad_paths.items()}
 
 
-def _record_bad(split_dir: str, path: str, error: Exception, num_files: int, limit: float) -> None:
+def _record_bad(
+    split_dir: str, path: str, error: Exception, num_files: int, limit: float, readers: int
+) -> None:
     with _bad_lock:
         seen = _bad_paths.setdefault(split_dir, set())
         is_new = path not in seen
@@ -146,7 +148,7 @@ def _record_bad(split_dir: str, path: str, error: Exception, num_files: int, lim
             split_dir,
             examples,
         )
-    if count > limit * num_files:
+    if count > limit * num_files / readers:
         raise DataError(
             f"{count} of the {num_files} images in {split_dir} are unreadable, more than "
             f"max_bad_fraction={limit:g} allows; e.g. {examples}"
@@ -216,6 +218,7 @@ class Loader:
     split: str  # "train" | "val"
     image_size: int
     max_bad_fraction: float
+    readers: int = 1  # processes decoding this split in parallel (for the unreadable limit)
 
     def _split(self) -> _Split:
         return getattr(scan(self.root), self.split)
@@ -227,7 +230,14 @@ class Loader:
             return _decode_rgb(split.files[index])
         except _decode_errors() as e:
             split_dir = str(Path(self.root).expanduser() / self.split)
-            _record_bad(split_dir, split.files[index], e, len(split.files), self.max_bad_fraction)
+            _record_bad(
+                split_dir,
+                split.files[index],
+                e,
+                len(split.files),
+                self.max_bad_fraction,
+                self.readers,
+            )
             return e
 
     def train_example(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

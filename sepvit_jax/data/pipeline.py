@@ -173,8 +173,9 @@ def train_iterator(
     ds = ds[: steps * global_batch_size]  # drop the remainder of every epoch
     gather = _element_gather(cfg, "train", info.num_train, with_mask=False)
     if gather is None:
+        readers = max(1, cfg.num_workers) * process_count
         loader = imagefolder.Loader(
-            str(cfg.data_dir), "train", cfg.image_size, cfg.max_bad_fraction
+            str(cfg.data_dir), "train", cfg.image_size, cfg.max_bad_fraction, readers
         )
         # Applied before sharding: the rng is keyed on the global (epoch, position) index.
         ds = ds.random_map(imagefolder.TrainExample(loader), seed=augment_seed)
@@ -217,7 +218,10 @@ def eval_batches(
     ds = grain.MapDataset.range(num_steps * batch_size)
     gather = _element_gather(cfg, "eval", info.num_eval, with_mask=True)
     if gather is None:
-        loader = imagefolder.Loader(str(cfg.data_dir), "val", cfg.image_size, cfg.max_bad_fraction)
+        readers = max(1, cfg.num_workers) * process_count
+        loader = imagefolder.Loader(
+            str(cfg.data_dir), "val", cfg.image_size, cfg.max_bad_fraction, readers
+        )
         ds = ds.map(imagefolder.EvalExample(loader))
     ds = ds.batch(b)[process_index::process_count]
     if gather is not None:

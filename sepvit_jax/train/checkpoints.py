@@ -49,20 +49,25 @@ def from_saveable(saved, like):
     return jax.tree.map(one, saved, like)
 
 
+def _test_accuracy(metrics: dict) -> float:
+    return metrics["test_accuracy"]
+
+
 class Checkpoints:
     """The CheckpointManager of one run directory.
 
     Args:
       directory: where the numbered step directories go.
       keep: how many recent checkpoints to keep (and as many best by accuracy).
+      create: make `directory` if missing (not for a read-only use such as --eval-only).
     """
 
-    def __init__(self, directory: str | Path, keep: int = 2):
+    def __init__(self, directory: str | Path, keep: int = 2, *, create: bool = True):
         policy = pp.AnyPreservationPolicy(
             [
                 pp.LatestN(n=keep),
                 pp.BestN(
-                    get_metric_fn=lambda m: m["test_accuracy"],
+                    get_metric_fn=_test_accuracy,
                     reverse=False,
                     n=keep,
                     keep_checkpoints_without_metrics=False,
@@ -70,7 +75,13 @@ class Checkpoints:
             ]
         )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=True, create=True
+            preservation_policy=policy,
+            # best_fn also makes Orbax write each step's metrics to disk, so that the best
+            # checkpoints are still known (and kept) after a resume.
+            best_fn=_test_accuracy,
+            best_mode="max",
+            enable_async_checkpointing=True,
+            create=create,
         )
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -20,8 +20,20 @@ from typing import Any
 
 from sepvit_jax.config import CONFIGS, SepViTConfig
 
-# Flags that only steer this invocation and are not saved with the run.
-TRANSIENT = ("resume", "eval_only", "stop_at_step", "config")
+# Settings that only steer this invocation (or this process) and are not saved with the run.
+TRANSIENT = (
+    "resume",
+    "eval_only",
+    "stop_at_step",
+    "config",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, with a message for the user."""
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -70,7 +82,9 @@ class TrainConfig:
     run_name: str | None = _setting(None, "the run directory's name (default: data and time)")
     checkpoint_every: int = _setting(0, "steps between checkpoints (0: every epoch)")
     keep: int = _setting(2, "checkpoints kept: the last N, plus the best N by test accuracy")
-    log_every: int = _setting(0, "steps between logged training metrics (0: every epoch)")
+    log_every: int = _setting(
+        0, "steps between logged training metrics (0: every epoch, at most 100 steps apart)"
+    )
     init_from: str | None = _setting(
         None, "start from a `convert torch2flax` (or `sepvit_jax.save`) directory"
     )
@@ -97,18 +111,20 @@ def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
     kind = typing.get_type_hints(TrainConfig)[field.name]
     args = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     base = next(a for a in args if a is not type(None))
-    if value is None and type(None) in args:
+    if type(None) in args and (value is None or str(value).lower() == "none"):
         return None
     if base is bool and isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{source}: {field.name} must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: {field.name} must be true or false, got {value!r}")
         return value.lower() in ("true", "1")
     try:
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return base(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: {field.name} must be {base.__name__}, got {value!r}") from None
+        raise ConfigError(
+            f"{source}: {field.name} must be {base.__name__}, got {value!r}"
+        ) from None
 
 
 def from_mapping(data: dict[str, Any], base: TrainConfig, source: str) -> TrainConfig:
@@ -116,7 +132,7 @@ def from_mapping(data: dict[str, Any], base: TrainConfig, source: str) -> TrainC
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{source}: unknown settings {unknown}")
+        raise ConfigError(f"{source}: unknown settings {unknown}")
     return base.replace(**{k: _coerce(fields[k], v, source) for k, v in data.items()})
 
 
@@ -124,9 +140,9 @@ def load_json(path: str | Path, base: TrainConfig) -> TrainConfig:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read config {str(path)!r}: {e}") from None
+        raise ConfigError(f"cannot read config {str(path)!r}: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config {str(path)!r} must hold a JSON object")
+        raise ConfigError(f"config {str(path)!r} must hold a JSON object")
     data.pop("resolved", None)  # a run's config.json also records what it resolved to
     return from_mapping(data, base, str(path))
 
@@ -156,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if given.get("run_name") and saved.is_file():
             cfg = load_json(saved, cfg)
         elif given.get("resume"):
-            raise ValueError(f"--resume needs --run-name of an existing run; {saved} not found")
+            raise ConfigError(f"--resume needs --run-name of an existing run; {saved} not found")
     if config_file:
         cfg = load_json(config_file, cfg)
     return from_mapping(given, cfg, "flags")
@@ -164,7 +180,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def _parse_value(text: str) -> Any:
     if "-" in text.strip("-"):
-        return tuple(int(v) for v in text.split("-"))
+        try:
+            return tuple(int(v) for v in text.split("-"))
+        except ValueError:
+            raise ConfigError(f"--model value {text!r}: a tuple is ints joined by '-'") from None
     for cast in (int, float):
         try:
             return cast(text)
@@ -177,22 +196,28 @@ def model_config(spec: str, *, num_classes: int, channels: int) -> SepViTConfig:
     """Resolves `--model` (name[,k=v...] | k=v,... | JSON) for the data's classes and channels."""
     spec = spec.strip()
     if spec.startswith("{"):
-        values = json.loads(spec)
+        try:
+            values = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--model {spec!r} is not valid JSON: {err}") from None
     else:
         parts = [p.strip() for p in spec.split(",") if p.strip()]
         values = {}
         if parts and "=" not in parts[0]:
             name = parts.pop(0)
             if name not in CONFIGS:
-                raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+                raise ConfigError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
             values = CONFIGS[name].to_dict()
         for part in parts:
             key, sep, value = part.partition("=")
             if not sep:
-                raise ValueError(f"--model entry {part!r} is not key=value")
+                raise ConfigError(f"--model entry {part!r} is not key=value")
             values[key.strip()] = _parse_value(value.strip())
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     values.update(num_classes=num_classes, channels=channels)
     if isinstance(values.get("depth"), int):
         values["depth"] = (values["depth"],)
-    return SepViTConfig.from_dict(values)
+    try:
+        return SepViTConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--model {spec!r}: {err}") from None

@@ -8,8 +8,9 @@ device: a slow input pipeline overlaps with compute, and memory stays bounded. T
 runs under `jax.transfer_guard("disallow")`, so a hidden host<->device copy fails loudly.
 
 SIGTERM / SIGINT set a flag: the current step finishes, a checkpoint is saved and the run exits
-0. With several processes, SIGTERM goes through JAX's preemption sync point so that every host
-stops at the same step.
+0; a second signal ends the process at once. With several processes, SIGTERM goes through JAX's
+preemption sync point so that every host stops at the same step (SIGINT, which reaches one host
+only, keeps its default and ends that process).
 """
 
 from __future__ import annotations
@@ -42,20 +43,24 @@ class _StopFlag:
         self._previous = {}
 
     def __enter__(self):
-        signals = [signal.SIGINT]
-        if jax.process_count() == 1:  # multi-process: JAX's preemption notifier owns SIGTERM
-            signals.append(signal.SIGTERM)
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        # Multi-process: JAX's preemption notifier owns SIGTERM, and a stop must be agreed on.
+        if jax.process_count() == 1:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         del frame
         self.signal_name = signal.Signals(signum).name
+        self._restore()  # a second signal is not caught: it ends the process
 
-    def __exit__(self, *exc):
+    def _restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc):
+        self._restore()
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
@@ -104,6 +109,9 @@ class Loop:
         self.cfg, self.run_dir, self.ckpts = cfg, run_dir, ckpts
         self.spe, self.total, self.schedule = steps_per_epoch, total, schedule
         self.main = jax.process_index() == 0
+        # Default: every epoch, or every 100 steps when epochs are longer (an ImageNet epoch
+        # should not hide a NaN, nor pile up thousands of device scalars, for an hour).
+        self.log_every = cfg.log_every or min(steps_per_epoch, 100)
         self.last_saved: int | None = ckpts.latest_step()
         self.last_accuracy: float | None = None
 
@@ -159,7 +167,7 @@ class Loop:
                 epoch_end = step % spe == 0 or step == self.total
                 every = cfg.checkpoint_every
                 save = stopping or step == end or (step % every == 0 if every else epoch_end)
-                log = save or epoch_end or bool(cfg.log_every and step % cfg.log_every == 0)
+                log = save or epoch_end or step % self.log_every == 0
                 if not log:
                     continue
                 train = self._check_finite(first, pending)
@@ -182,7 +190,7 @@ class Loop:
                     self.last_saved = step
                 if stopping:
                     break
-        self.ckpts.wait()
+            self.ckpts.wait()
         self._print_end(step, stop.signal_name)
         return state
 

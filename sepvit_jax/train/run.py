@@ -1,4 +1,4 @@
-"""A training run, top to bottom: hosts -> mesh -> data -> state -> steps -> loop -> export.
+"""One training run, top to bottom: hosts, mesh, data, model, state, steps, loop, export.
 
 `main(argv)` is `train.py`. Exit status: 0 done (or stopped cleanly by a signal), 2 bad input
 (one `error: ...` line on stderr), 3 the loss diverged (NaN/inf; the last good checkpoint kept).
@@ -32,9 +32,10 @@ from jax.experimental import multihost_utils
 
 from sepvit_jax import data as data_lib
 from sepvit_jax import sharding
+from sepvit_jax.config import SepViTConfig
 from sepvit_jax.train import steps
 from sepvit_jax.train.checkpoints import Checkpoints
-from sepvit_jax.train.config import TrainConfig, model_config, parse_args
+from sepvit_jax.train.config import ConfigError, TrainConfig, model_config, parse_args
 from sepvit_jax.train.loop import Diverged, Loop, evaluate
 
 # ---- hosts ---------------------------------------------------------------------------------
@@ -63,28 +64,60 @@ def init_distributed(cfg: TrainConfig) -> None:
         jax.distributed.initialize()
 
 
+def _same_on_every_process(text: str) -> str:
+    """Process 0's `text` (e.g. a run name made from the clock), on every process."""
+    if jax.process_count() == 1:
+        return text
+    encoded = np.frombuffer(text.encode().ljust(256, b"\0")[:256], np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(encoded)).rstrip(b"\0").decode()
+
+
 # ---- run directory -------------------------------------------------------------------------
 
 
 class RunDir:
     """runs/NAME/: config.json, metrics.jsonl, curves.png, model/ (process 0), checkpoints/."""
 
-    def __init__(self, cfg: TrainConfig, resolved: dict):
-        self.name = cfg.run_name or f"{cfg.data}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    def __init__(self, cfg: TrainConfig):
+        default = f"{cfg.data}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        self.name = _same_on_every_process(cfg.run_name or default)
         self.path = Path(cfg.runs_dir) / self.name
+        self.checkpoints = self.path / "checkpoints"
         self.main = jax.process_index() == 0
-        continuing = cfg.resume or cfg.eval_only
-        if self.main and not continuing:
-            checkpoints = self.path / "checkpoints"
-            if checkpoints.is_dir() and any(checkpoints.iterdir()):
-                raise ValueError(
-                    f"run directory {self.path} already has checkpoints; pass --resume to "
-                    "continue it or choose another --run-name"
-                )
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(
+            p.name.isdigit() for p in self.checkpoints.iterdir()
+        )
+
+    def saved_model(self) -> SepViTConfig:
+        """The model a run was started with (its config.json), for --resume / --eval-only."""
+        try:
+            saved = json.loads((self.path / "config.json").read_text())
+            return SepViTConfig.from_dict(saved["resolved"]["model"])
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"cannot read the model of run {self.path}: {err}") from None
+
+    def start(self, cfg: TrainConfig, resolved: dict) -> None:
+        """A new run: refuse to mix with an old one's checkpoints, write config.json."""
+        if self.has_checkpoints():  # every process checks, so all stop together
+            raise ConfigError(
+                f"run directory {self.path} already has checkpoints; pass --resume to continue "
+                "it or choose another --run-name"
+            )
+        if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             config = {**json.loads(cfg.to_json()), "resolved": resolved}
             (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (self.path / "metrics.jsonl").write_text("")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: forget the rows logged after the restored checkpoint."""
+        metrics = self.path / "metrics.jsonl"
+        if self.main and metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            metrics.write_text("".join(line + "\n" for line in kept))
 
     def log(self, row: dict) -> None:
         if self.main:
@@ -101,18 +134,20 @@ class RunDir:
                 plot_curves(rows, self.path / "curves.png", title=self.name)
 
 
-# ---- state ---------------------------------------------------------------------------------
+# ---- model ---------------------------------------------------------------------------------
 
 
 def _init_from(path: str, data_classes: int, data_channels: int):
     """(model config, params) of a `convert torch2flax` output, with a fresh head if needed."""
-
     from sepvit_jax.checkpoint import load
 
-    loaded = load(path, dtype="float32", param_dtype="float32")
+    try:
+        loaded = load(path, dtype="float32", param_dtype="float32")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--init-from {path}: {err}") from None
     src = loaded.config
     if src.channels != data_channels:
-        raise ValueError(
+        raise ConfigError(
             f"--init-from {path}: the model takes {src.channels} input channels but the data "
             f"has {data_channels}"
         )
@@ -122,12 +157,22 @@ def _init_from(path: str, data_classes: int, data_channels: int):
         fc = params["mlp_head"]["fc"]
         fc["kernel"].set_value(jnp.zeros((fc["kernel"].shape[0], data_classes), jnp.float32))
         fc["bias"].set_value(jnp.zeros((data_classes,), jnp.float32))
-        print(
-            f"--init-from {path}: new zero-initialised {data_classes}-class head (the "
-            f"checkpoint has {src.num_classes} classes)",
-            file=sys.stderr,
-        )
+        if jax.process_index() == 0:
+            print(
+                f"--init-from {path}: new zero-initialised {data_classes}-class head (the "
+                f"checkpoint has {src.num_classes} classes)",
+                file=sys.stderr,
+            )
     return src.replace(num_classes=data_classes), params
+
+
+def resolve_model(cfg: TrainConfig, info, run_dir: RunDir, continuing: bool):
+    """(SepViTConfig, initial params or None): the run's own, converted weights, or --model."""
+    if continuing:
+        return run_dir.saved_model(), None
+    if cfg.init_from:
+        return _init_from(cfg.init_from, info.num_classes, info.channels)
+    return model_config(cfg.model, num_classes=info.num_classes, channels=info.channels), None
 
 
 def export_model(directory: Path, model_cfg, state, dtype: str) -> None:
@@ -137,16 +182,20 @@ def export_model(directory: Path, model_cfg, state, dtype: str) -> None:
     # Every process joins the gather (parameters may be sharded across hosts).
     params = multihost_utils.process_allgather(nnx.to_pure_dict(state["params"]), tiled=True)
     if jax.process_index() == 0:
-        step = int(jax.device_get(state["step"]))
         write_checkpoint(
             directory,
             model_cfg,
             jax.tree.map(np.asarray, params),
             param_dtype="float32",
             dtype=dtype,
-            source={"trained_by": "train.py", "run": str(directory.parent), "step": step},
+            source={
+                "trained_by": "train.py",
+                "run": str(directory.parent),
+                "step": int(jax.device_get(state["step"])),
+            },
             overwrite=True,
         )
+        print(f"saved the final model to {directory}", file=sys.stderr)
     multihost_utils.sync_global_devices("sepvit_export_model")
 
 
@@ -155,12 +204,11 @@ def export_model(directory: Path, model_cfg, state, dtype: str) -> None:
 
 def run(cfg: TrainConfig) -> int:
     init_distributed(cfg)
-    continuing = cfg.resume or (cfg.eval_only and not cfg.init_from)
     # ---- mesh ----
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_size(cfg.batch_size, mesh, cfg.grad_accum)
     if cfg.dtype not in steps.DTYPES:
-        raise ValueError(f"--dtype must be one of {list(steps.DTYPES)}, got {cfg.dtype!r}")
+        raise ConfigError(f"--dtype must be one of {list(steps.DTYPES)}, got {cfg.dtype!r}")
     # ---- data ----
     dcfg = data_lib.DataConfig(
         name=cfg.data,
@@ -172,19 +220,28 @@ def run(cfg: TrainConfig) -> int:
         max_bad_fraction=cfg.max_bad_fraction,
     )
     info = data_lib.dataset_info(dcfg)
-    # ---- model ----
-    init_params = None
-    if cfg.init_from and not cfg.resume:
-        model_cfg, init_params = _init_from(cfg.init_from, info.num_classes, info.channels)
-    else:
-        model_cfg = model_config(cfg.model, num_classes=info.num_classes, channels=info.channels)
-    model_cfg.check_image_size(cfg.image_size, cfg.image_size)  # before anything compiles
     spe = data_lib.steps_per_epoch(dcfg, cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
-    warmup = spe if cfg.warmup_steps < 0 else cfg.warmup_steps
+    # ---- model ----
+    run_dir = RunDir(cfg)
+    continuing = cfg.resume or (cfg.eval_only and run_dir.has_checkpoints())
+    if cfg.eval_only and not continuing and not cfg.init_from:
+        raise ConfigError(
+            f"--eval-only: run {run_dir.path} has no checkpoint; name a run with --run-name or "
+            "give weights with --init-from"
+        )
+    if cfg.resume and not run_dir.has_checkpoints():
+        raise ConfigError(f"--resume: no checkpoint to resume from in {run_dir.checkpoints}")
+    model_cfg, init_params = resolve_model(cfg, info, run_dir, continuing)
+    try:
+        model_cfg.check_image_size(cfg.image_size, cfg.image_size)  # before anything compiles
+    except ValueError as err:
+        raise ConfigError(f"--image-size {cfg.image_size} does not fit the model: {err}") from None
+    if cfg.stop_at_step is not None and cfg.stop_at_step > total and run_dir.main:
+        print(f"note: --stop-at-step {cfg.stop_at_step} is past the end ({total})", file=sys.stderr)
     ocfg = steps.OptimConfig(
         lr=cfg.lr,
-        warmup_steps=warmup,
+        warmup_steps=spe if cfg.warmup_steps < 0 else cfg.warmup_steps,
         total_steps=total,
         weight_decay=cfg.weight_decay,
         clip_norm=cfg.clip_norm,
@@ -192,28 +249,14 @@ def run(cfg: TrainConfig) -> int:
         min_lr_ratio=cfg.min_lr_ratio,
         grad_accum=cfg.grad_accum,
     )
-    resolved = {
-        "model": model_cfg.to_dict(),
-        "steps_per_epoch": spe,
-        "total_steps": total,
-        "warmup_steps": warmup,
-        "mesh": dict(mesh.shape),
-        "process_count": jax.process_count(),
-        "devices": [str(d) for d in jax.devices()[:8]],
-    }
-    run_dir = RunDir(cfg, resolved)
+    if not (continuing or cfg.eval_only):
+        run_dir.start(cfg, _resolved(model_cfg, spe, ocfg, mesh))
     # ---- state ----
     tx = steps.make_optimizer(ocfg)
     model, state, shardings = steps.init_state(
-        model_cfg,
-        tx,
-        mesh,
-        seed=cfg.seed,
-        dtype=cfg.dtype,
-        params=init_params,
-        abstract=continuing,
+        model_cfg, tx, mesh, seed=cfg.seed, dtype=cfg.dtype, params=init_params, abstract=continuing
     )
-    ckpts = Checkpoints(run_dir.path / "checkpoints", keep=cfg.keep)
+    ckpts = Checkpoints(run_dir.checkpoints, keep=cfg.keep, create=not cfg.eval_only)
     train_iter = data_lib.train_iterator(
         dcfg,
         global_batch_size=cfg.batch_size,
@@ -222,11 +265,11 @@ def run(cfg: TrainConfig) -> int:
     )
     try:
         if continuing:
-            if ckpts.latest_step() is None:
-                raise ValueError(f"no checkpoint to resume from in {ckpts.directory}")
             state, step = ckpts.restore(state, shardings, train_iter)
             if run_dir.main:
                 print(f"restored {run_dir.path} at step {step}", file=sys.stderr)
+            if cfg.resume:
+                run_dir.truncate_metrics(step)
         # ---- steps ----
         bsharding = sharding.batch_sharding(mesh)
         eval_step = steps.make_eval_step(model, shardings, mesh)
@@ -236,6 +279,10 @@ def run(cfg: TrainConfig) -> int:
                 print(f"test loss {result['test_loss']:.4f}")
                 print(f"final test accuracy: {result['test_accuracy']:.4f}")
             return 0
+        if int(jax.device_get(state["step"])) >= total:
+            if run_dir.main:
+                print(f"run {run_dir.path} already finished at step {total}", file=sys.stderr)
+            return 0
         train_step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
         # ---- loop ----
         loop = Loop(cfg, run_dir, ckpts, spe, total, steps.make_schedule(ocfg))
@@ -243,8 +290,6 @@ def run(cfg: TrainConfig) -> int:
         # ---- export ----
         if int(jax.device_get(state["step"])) == total:
             export_model(run_dir.path / "model", model_cfg, state, cfg.dtype)
-            if run_dir.main:
-                print(f"saved the final model to {run_dir.path / 'model'}", file=sys.stderr)
         _report_unreadable()
         return 0
     finally:
@@ -254,8 +299,21 @@ def run(cfg: TrainConfig) -> int:
             train_iter.close()
 
 
+def _resolved(model_cfg: SepViTConfig, spe: int, ocfg: steps.OptimConfig, mesh) -> dict:
+    """What the settings came to, recorded in config.json (the model is reused on --resume)."""
+    return {
+        "model": model_cfg.to_dict(),
+        "steps_per_epoch": spe,
+        "total_steps": ocfg.total_steps,
+        "warmup_steps": ocfg.warmup_steps,
+        "mesh": dict(mesh.shape),
+        "process_count": jax.process_count(),
+        "devices": [str(d) for d in jax.devices()[:8]],
+    }
+
+
 def _report_unreadable() -> None:
-    # Worker processes (--num-workers > 0) keep and log their own lists.
+    # Worker processes (--num-workers > 0) log their own finds as they meet them.
     for split_dir, paths in data_lib.unreadable_images().items():
         shown = ", ".join(paths[:5]) + (", ..." if len(paths) > 5 else "")
         print(f"skipped {len(paths)} unreadable image(s) in {split_dir}: {shown}", file=sys.stderr)
@@ -269,6 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, OSError) as e:
+    except (ConfigError, data_lib.DataError, sharding.MeshError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

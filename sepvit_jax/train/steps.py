@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -58,10 +59,16 @@ class OptimConfig:
 
 
 def decay_mask(params) -> Any:
-    """True for the arrays weight decay applies to: kernels (ndim >= 2), not window tokens."""
+    """True for the arrays weight decay applies to: the kernels of convs and dense layers.
 
-    def rule(path, x) -> bool:
-        return x.ndim >= 2 and "window_tokens" not in jax.tree_util.keystr(path)
+    Not norms (`g`, `b`, `scale`, `bias`), biases, nor the window tokens, which are embeddings.
+    Decided by the parameter's own name, the last entry of its path.
+    """
+
+    def rule(path, _) -> bool:
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        names = [n for n in names if n != "value"]  # nnx.Variable's own pytree entry
+        return names[-1] == "kernel"
 
     return jax.tree.map_with_path(rule, params)
 
@@ -145,11 +152,21 @@ def init_state(
     shardings = rules.shardings(shapes, mesh)
     if abstract:
         return model, shapes, shardings
-    given_shardings = None if params is None else shardings["params"]
+    given_shardings = None
+    if params is not None:
+        # Host copies (e.g. converted weights every process has read) become global arrays laid
+        # out like the state, each process supplying its own shards.
+        given_shardings = shardings["params"]
+        params = jax.tree.map(_global_array, params, given_shardings)
     jitted = jax.jit(
         init, in_shardings=(replicated(mesh), given_shardings), out_shardings=shardings
     )
     return model, jitted(key, params), shardings
+
+
+def _global_array(value, sharding) -> jax.Array:
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0) -> jax.Array:
@@ -193,7 +210,12 @@ def make_train_step(
             def body(carry, mb):
                 g_sum, rest, l_sum, c_sum = carry
                 (loss, (rest, correct)), g = grad_fn(params, rest, mb)
-                return (jax.tree.map(jnp.add, g_sum, g), rest, l_sum + loss, c_sum + correct), None
+                # Laid out like the parameters: with fsdp, each micro-batch's gradient is
+                # reduce-scattered into the sum instead of all-reduced.
+                g_sum = jax.lax.with_sharding_constraint(
+                    jax.tree.map(jnp.add, g_sum, g), state_shardings["params"]
+                )
+                return (g_sum, rest, l_sum + loss, c_sum + correct), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             init = (zeros, state["rest"], jnp.float32(0), jnp.int32(0))
