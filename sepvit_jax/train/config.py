@@ -64,7 +64,7 @@ class TrainConfig:
     batch_size: int = _setting(64, "global batch: all devices and processes together")
     epochs: int = _setting(12, "length of the run in epochs")
     steps: int | None = _setting(None, "length of the run in steps (overrides --epochs)")
-    lr: float = _setting(2e-3, "peak learning rate of AdamW")
+    lr: float = _setting(3e-3, "peak learning rate of AdamW")
     warmup_steps: int = _setting(-1, "linear warm-up steps (-1: one epoch), then cosine decay")
     weight_decay: float = _setting(
         0.05, "AdamW decoupled weight decay (not on norms, biases, window tokens)"

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -251,10 +252,10 @@ def run(cfg: TrainConfig) -> int:
     )
     if not (continuing or cfg.eval_only):
         run_dir.start(cfg, _resolved(model_cfg, spe, ocfg, mesh))
-    # ---- state ----
+    # ---- state and steps ----
     tx = steps.make_optimizer(ocfg)
-    model, state, shardings = steps.init_state(
-        model_cfg, tx, mesh, seed=cfg.seed, dtype=cfg.dtype, params=init_params, abstract=continuing
+    state, shardings, train_step, eval_step = build_state_and_steps(
+        cfg, model_cfg, tx, ocfg, mesh, init_params, continuing
     )
     ckpts = Checkpoints(run_dir.checkpoints, keep=cfg.keep, create=not cfg.eval_only)
     train_iter = data_lib.train_iterator(
@@ -270,9 +271,7 @@ def run(cfg: TrainConfig) -> int:
                 print(f"restored {run_dir.path} at step {step}", file=sys.stderr)
             if cfg.resume:
                 run_dir.truncate_metrics(step)
-        # ---- steps ----
         bsharding = sharding.batch_sharding(mesh)
-        eval_step = steps.make_eval_step(model, shardings, mesh)
         if cfg.eval_only:
             result = evaluate(eval_step, state, dcfg, cfg.batch_size, bsharding)
             if run_dir.main:
@@ -283,7 +282,6 @@ def run(cfg: TrainConfig) -> int:
             if run_dir.main:
                 print(f"run {run_dir.path} already finished at step {total}", file=sys.stderr)
             return 0
-        train_step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
         # ---- loop ----
         loop = Loop(cfg, run_dir, ckpts, spe, total, steps.make_schedule(ocfg))
         state = loop.run(state, train_step, eval_step, train_iter, dcfg, bsharding)
@@ -297,6 +295,38 @@ def run(cfg: TrainConfig) -> int:
         run_dir.plot()
         if hasattr(train_iter, "close"):
             train_iter.close()
+
+
+def build_state_and_steps(cfg: TrainConfig, model_cfg, tx, ocfg, mesh, init_params, continuing):
+    """(state, its shardings, compiled train step, compiled eval step).
+
+    XLA compiles with the GIL released, so the initial state, the train step and the eval step
+    are compiled at the same time, ahead of the first batch; compilation is most of the start-up
+    of a small run. `continuing`: the state is only abstract, a target to restore into.
+    """
+    model, abstract, shardings = steps.init_state(
+        model_cfg, tx, mesh, seed=cfg.seed, dtype=cfg.dtype, params=init_params, abstract=True
+    )
+    train_batch = steps.batch_spec(model_cfg, cfg.batch_size, cfg.image_size, mesh)
+    eval_batch = steps.batch_spec(model_cfg, cfg.batch_size, cfg.image_size, mesh, eval=True)
+    train_step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
+    eval_step = steps.make_eval_step(model, shardings, mesh)
+    with ThreadPoolExecutor(2, thread_name_prefix="compile") as pool:
+        compiled_eval = pool.submit(
+            lambda: eval_step.lower(
+                abstract["params"], abstract["rest"], eval_batch, steps.eval_totals_spec(mesh)
+            ).compile()
+        )
+        compiled_train = None
+        if not cfg.eval_only:
+            compiled_train = pool.submit(lambda: train_step.lower(abstract, train_batch).compile())
+        state = abstract
+        if not continuing:
+            state = steps.init_state(
+                model_cfg, tx, mesh, seed=cfg.seed, dtype=cfg.dtype, params=init_params
+            )[1]
+        train = compiled_train.result() if compiled_train else None
+        return state, shardings, train, compiled_eval.result()
 
 
 def _resolved(model_cfg: SepViTConfig, spe: int, ocfg: steps.OptimConfig, mesh) -> dict:
