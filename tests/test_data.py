@@ -32,6 +32,14 @@ def concat(batches):
 # ---- digits ----------------------------------------------------------------------------------
 
 
+def test_digits_are_sklearns_load_digits():
+    from sklearn.datasets import load_digits
+
+    images, labels = digits.raw()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)
+
+
 def test_digits_info_and_batch_shapes():
     info = data.dataset_info(DIGITS)
     assert (info.num_classes, info.channels, info.image_size) == (10, 1, 56)
