@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from sepvit_jax import data as data_lib
 from sepvit_jax import sharding
+from sepvit_jax.allocator import reuse_freed_memory
 from sepvit_jax.config import SepViTConfig
 from sepvit_jax.train import steps
 from sepvit_jax.train.checkpoints import Checkpoints
@@ -350,6 +351,7 @@ def _report_unreadable() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    reuse_freed_memory()  # before the first step: see sepvit_jax.allocator
     # Orbax reports routine events through absl at INFO/WARNING; the run prints its own progress.
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
