@@ -10,6 +10,9 @@ curves and the exported model included.
 
     python -m benchmarks.digits_training [--repeats 3] [--json FILE]
     python -m benchmarks.digits_training --torch-only   # one PyTorch run, in this process
+
+train.py keeps freed host memory for reuse (`sepvit_jax.allocator`); the third row gives PyTorch
+the same setting, so that the comparison is of the frameworks, not of the allocator.
 """
 
 from __future__ import annotations
@@ -76,16 +79,21 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     return seconds, accuracy
 
 
+JAX = "sepvit_jax (python train.py)"
+TORCH = "sepvit_torch eager (upstream recipe)"
+TORCH_REUSE = "sepvit_torch eager, freed memory reused as train.py does"
+
+
 def compare(repeats: int) -> dict:
-    rows = {"sepvit_jax (python train.py)": [], "sepvit_torch eager (upstream recipe)": []}
+    rows = {JAX: [], TORCH: [], TORCH_REUSE: []}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    for r in range(repeats):
+    torch_cmd = [sys.executable, "-m", "benchmarks.digits_training", "--torch-only"]
+    for r in range(repeats):  # interleaved, so that a busy spell hits every row alike
         with tempfile.TemporaryDirectory() as runs:
             cmd = [sys.executable, "train.py", "--runs-dir", runs, "--run-name", "bench"]
-            rows["sepvit_jax (python train.py)"].append(timed(cmd, env))
-        rows["sepvit_torch eager (upstream recipe)"].append(
-            timed([sys.executable, "-m", "benchmarks.digits_training", "--torch-only"], env)
-        )
+            rows[JAX].append(timed(cmd, env))
+        rows[TORCH].append(timed(torch_cmd, env))
+        rows[TORCH_REUSE].append(timed([*torch_cmd, "--reuse-freed-memory"], env))
         print(f"repeat {r + 1}/{repeats}: {rows}", file=sys.stderr, flush=True)
     return {
         name: {
@@ -102,8 +110,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reuse-freed-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_only:
+        if args.reuse_freed_memory:
+            from sepvit_jax.allocator import reuse_freed_memory
+
+            reuse_freed_memory()
         torch_recipe()
         return
     result = compare(args.repeats)
