@@ -1,9 +1,11 @@
 """One throughput measurement, run in its own process: `python -m benchmarks.throughput SPEC`.
 
 SPEC is a JSON object {config, mode, framework, device, dtype, batch, threads, repeats, iters,
-warmup}; the result is one JSON line on stdout (prefixed `RESULT `) with images per second (the
-median of `repeats` timed runs of `iters` steps, plus their min and max), the first-call time
-(compilation for jax.jit and torch.compile, warm-up for eager) and the peak memory of the
+warmup, min_repeat_s}; `iters` may be null: then each timed run takes as many steps as fill
+`min_repeat_s` seconds, judged from the warm-up steps. The result is one JSON line on stdout
+(prefixed `RESULT `) with images per second (the median of `repeats` timed runs of `iters` steps,
+plus their min and max), the first-call time `compile_s` (tracing and compilation included for
+jax.jit and torch.compile; the first eager step for torch eager) and the peak memory of the
 process. Running each (config, mode, framework) in a fresh process keeps the peak memory its own,
 pins the thread count before any library starts its pools, and keeps the frameworks from
 competing for the cores.
@@ -15,6 +17,7 @@ function and AdamW hyper-parameters; images are NHWC for JAX and NCHW for torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -63,26 +66,37 @@ def random_batch(cfg, batch: int, size: int, seed: int = 0) -> tuple[np.ndarray,
     return images, labels
 
 
-def time_steps(step: Callable[[], object], sync: Callable[[object], None], spec: dict) -> dict:
-    """First call (compile / warm-up) time, then `repeats` timed runs of `iters` steps each."""
+def time_steps(
+    step: Callable[[], object], sync: Callable[[object], None], spec: dict, setup_s: float = 0.0
+) -> dict:
+    """First call (compile / warm-up) time, then `repeats` timed runs of `iters` steps each.
+
+    `setup_s` (ahead-of-time compilation) is added to the first call's time.
+    """
     t0 = time.perf_counter()
     sync(step())
-    first_call = time.perf_counter() - t0
-    for _ in range(spec["warmup"]):
+    first_call = setup_s + time.perf_counter() - t0
+    warm = []
+    for _ in range(max(1, spec.get("warmup", 1))):
+        t0 = time.perf_counter()
         sync(step())
+        warm.append(time.perf_counter() - t0)
+    iters = spec.get("iters") or max(1, math.ceil(spec["min_repeat_s"] / statistics.median(warm)))
     rates = []
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
         out = None
-        for _ in range(spec["iters"]):
+        for _ in range(iters):
             out = step()  # no host sync inside the loop: async dispatch may run ahead
         sync(out)
-        rates.append(spec["batch"] * spec["iters"] / (time.perf_counter() - t0))
+        rates.append(spec["batch"] * iters / (time.perf_counter() - t0))
     return dict(
         img_per_s=statistics.median(rates),
         img_per_s_min=min(rates),
         img_per_s_max=max(rates),
         compile_s=first_call,
+        iters=iters,
+        rates=rates,
     )
 
 
@@ -113,10 +127,7 @@ def bench_jax(spec: dict) -> dict:
             return nnx.merge(graphdef, state)(images)
 
         args = [state, images]
-        compiled_fn = forward
-
-        def step():
-            return forward(*args)
+        jitted = forward
 
     else:
         model.train()
@@ -141,15 +152,27 @@ def bench_jax(spec: dict) -> dict:
             return optax.apply_updates(params, updates), opt_state, loss
 
         args = [params, opt_state, rest, images, labels]
-        compiled_fn = train_step
+        jitted = train_step
+
+    # Compile ahead of time, once: the same executable is timed and asked for its FLOPs.
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    setup_s = time.perf_counter() - t0
+
+    if spec["mode"] == "forward":
 
         def step():
-            args[0], args[1], loss = train_step(*args)
+            return compiled(*args)
+
+    else:
+
+        def step():
+            args[0], args[1], loss = compiled(*args)
             return loss
 
-    result = time_steps(step, jax.block_until_ready, spec)
+    result = time_steps(step, jax.block_until_ready, spec, setup_s)
     result.update(device_kind=device.device_kind, platform=device.platform)
-    flops = step_flops(compiled_fn, args)
+    flops = step_flops(compiled)
     if flops:
         step_s = spec["batch"] / result["img_per_s"]
         result["tflop_per_s"] = flops / step_s / 1e12
@@ -162,10 +185,10 @@ def bench_jax(spec: dict) -> dict:
     return result
 
 
-def step_flops(jitted, args) -> float | None:
+def step_flops(compiled) -> float | None:
     """FLOPs of one step from XLA's cost analysis of the compiled executable (None if absent)."""
     try:
-        cost = jitted.lower(*args).compile().cost_analysis()
+        cost = compiled.cost_analysis()
     except Exception:  # cost analysis is best-effort; some backends do not implement it
         return None
     if isinstance(cost, list | tuple):
@@ -248,6 +271,8 @@ def run(spec: dict) -> dict:
         raise ValueError(f"unknown framework {spec['framework']!r}")
     # Linux reports ru_maxrss in KiB: the peak resident memory of this whole process.
     result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Other processes on the machine skew CPU timings: keep the load average next to the figure.
+    result["load_avg"] = round(os.getloadavg()[0], 2)
     return {**spec, **result}
 
 

@@ -12,22 +12,46 @@ With one window the second step is skipped, as upstream does (its weights then g
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sepvit_jax.layers import (
     ChanLayerNorm,
+    after,
     dropout_layer,
+    gelu,
     stats_dtype,
     torch_layer_norm,
     torch_linear,
 )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def softmax(logits: jax.Array, dtype) -> jax.Array:
-    """Softmax over the last axis in at least float32, returned in `dtype`."""
+    """Softmax over the last axis in at least float32, returned in `dtype`.
+
+    speed: the backward keeps only the probabilities (which attn @ v keeps anyway), not the
+    exponentials and normalisers autodiff would keep (see `sepvit_jax.layers`, custom VJPs).
+    """
     return jax.nn.softmax(logits.astype(stats_dtype(logits.dtype)), axis=-1).astype(dtype)
+
+
+def _softmax_fwd(logits, dtype):
+    probs = softmax(logits, dtype)
+    return probs, (probs, jnp.zeros((0,), logits.dtype))
+
+
+def _softmax_bwd(dtype, residuals, dprobs):
+    (probs, like), dprobs = after(residuals, dprobs)
+    compute = stats_dtype(probs.dtype)
+    p, dp = probs.astype(compute), dprobs.astype(compute)
+    return ((p * (dp - (p * dp).sum(axis=-1, keepdims=True))).astype(like.dtype),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 class WindowTokensToQK(nnx.Module):
@@ -45,7 +69,7 @@ class WindowTokensToQK(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         batch, n = tokens.shape[:2]
-        x = jax.nn.gelu(self.norm(tokens), approximate=False)  # parity: exact GELU
+        x = gelu(self.norm(tokens))  # parity: exact (erf) GELU, as torch
         x = self.proj(x.reshape(batch, n, self.heads * self.dim_head))
         # parity: output channels regroup as (h, 2*d): per head, d queries then d keys.
         x = x.reshape(batch, n, self.heads, 2, self.dim_head)
