@@ -30,6 +30,10 @@ from tqdm import tqdm
 from sepvit_jax import data as data_lib
 from sepvit_jax import sharding
 
+# With the default --checkpoint-every 0 (epoch ends), checkpoints are at least this far apart;
+# the end of the run and a stop request always save.
+MIN_SECONDS_BETWEEN_EPOCH_CHECKPOINTS = 60.0
+
 
 class Diverged(RuntimeError):
     """The loss or the gradient became NaN or infinite."""
@@ -113,6 +117,7 @@ class Loop:
         # should not hide a NaN, nor pile up thousands of device scalars, for an hour).
         self.log_every = cfg.log_every or min(steps_per_epoch, 100)
         self.last_saved: int | None = ckpts.latest_step()
+        self.last_saved_time = time.monotonic()
         self.last_accuracy: float | None = None
 
     def _check_finite(self, first_step: int, metrics: list[dict]) -> dict:
@@ -130,6 +135,17 @@ class Loop:
                     f"at step {first_step + i + 1}; stopped without saving; {kept}"
                 )
         return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+    def _epoch_save_due(self) -> bool:
+        """At an epoch end with the default cadence: save unless the last save is recent.
+
+        Short epochs (a small dataset) would otherwise spend a good part of the run writing
+        checkpoints. Process 0's clock decides for every process (saving is collective).
+        """
+        due = time.monotonic() - self.last_saved_time >= MIN_SECONDS_BETWEEN_EPOCH_CHECKPOINTS
+        if jax.process_count() > 1:
+            due = bool(multihost_utils.broadcast_one_to_all(np.array(due)))
+        return due
 
     def _progress(self, step: int) -> tqdm:
         epochs = math.ceil(self.total / self.spe)
@@ -166,7 +182,8 @@ class Loop:
                 stopping = stop.should_stop(step)
                 epoch_end = step % spe == 0 or step == self.total
                 every = cfg.checkpoint_every
-                save = stopping or step == end or (step % every == 0 if every else epoch_end)
+                periodic = step % every == 0 if every else epoch_end and self._epoch_save_due()
+                save = stopping or step == end or periodic
                 log = save or epoch_end or step % self.log_every == 0
                 if not log:
                     continue
@@ -187,7 +204,7 @@ class Loop:
                 self.run_dir.log(row)
                 if save:
                     self.ckpts.save(step, state, train_iter, metrics=ckpt_metrics)
-                    self.last_saved = step
+                    self.last_saved, self.last_saved_time = step, time.monotonic()
                 if stopping:
                     break
             self.ckpts.wait()

@@ -301,26 +301,25 @@ def run(cfg: TrainConfig) -> int:
 def build_state_and_steps(cfg: TrainConfig, model_cfg, tx, ocfg, mesh, init_params, continuing):
     """(state, its shardings, compiled train step, compiled eval step).
 
-    XLA compiles with the GIL released, so the initial state, the train step and the eval step
-    are compiled at the same time, ahead of the first batch; compilation is most of the start-up
-    of a small run. `continuing`: the state is only abstract, a target to restore into.
+    XLA compiles with the GIL released, so the train step, the eval step and the initial state
+    compile at the same time, ahead of the first batch: compilation is most of the start-up of a
+    small run. The longest, the train step, is traced first and starts compiling at once.
+    `continuing`: the state is only abstract, a target to restore into.
     """
     model, abstract, shardings = steps.init_state(
         model_cfg, tx, mesh, seed=cfg.seed, dtype=cfg.dtype, params=init_params, abstract=True
     )
     train_batch = steps.batch_spec(model_cfg, cfg.batch_size, cfg.image_size, mesh)
     eval_batch = steps.batch_spec(model_cfg, cfg.batch_size, cfg.image_size, mesh, eval=True)
-    train_step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
-    eval_step = steps.make_eval_step(model, shardings, mesh)
+    totals = steps.eval_totals_spec(mesh)
     with ThreadPoolExecutor(2, thread_name_prefix="compile") as pool:
-        compiled_eval = pool.submit(
-            lambda: eval_step.lower(
-                abstract["params"], abstract["rest"], eval_batch, steps.eval_totals_spec(mesh)
-            ).compile()
-        )
         compiled_train = None
         if not cfg.eval_only:
-            compiled_train = pool.submit(lambda: train_step.lower(abstract, train_batch).compile())
+            train_step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
+            compiled_train = pool.submit(train_step.lower(abstract, train_batch).compile)
+        eval_step = steps.make_eval_step(model, shardings, mesh)
+        lowered_eval = eval_step.lower(abstract["params"], abstract["rest"], eval_batch, totals)
+        compiled_eval = pool.submit(lowered_eval.compile)
         state = abstract
         if not continuing:
             state = steps.init_state(
