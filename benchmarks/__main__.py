@@ -30,15 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import report, throughput
 
 ROOT = Path(__file__).resolve().parent.parent
 MIN_REPEATS = 5
-# Batch per config: CPU batches keep a full run in minutes; GPU batches fill the device.
-DEFAULT_BATCH = {
-    "cpu": {"digits": 64, "testing": 64, "default": 8},
-    "gpu": {"digits": 512, "testing": 512, "default": 128},
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,8 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def batch_for(args: argparse.Namespace, config: str) -> int:
-    table = DEFAULT_BATCH[args.device]
-    return args.batch or table.get(config, table["default"])
+    return args.batch or throughput.default_batch(args.device, config)
 
 
 def measure(spec: dict, timeout: float) -> dict:
@@ -140,7 +134,8 @@ def describe(row: dict) -> str:
     )
 
 
-def run_all(args: argparse.Namespace) -> list[dict]:
+def run_all(args: argparse.Namespace, on_row=lambda rows: None) -> list[dict]:
+    """Every measurement of the plan, `args.rounds` times; `on_row(rows so far)` after each."""
     plan = [
         (config, mode, fw)
         for config in args.configs
@@ -170,6 +165,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             row = measure(spec, args.timeout)
             progress(f"    {describe(row)}  ({time.perf_counter() - start:.0f} s)")
             results[(config, mode, fw)].append(row)
+            on_row([pool(rounds) for rounds in results.values() if rounds])
     return [pool(rounds) for rounds in results.values()]
 
 
@@ -199,6 +195,27 @@ def pool(rounds: list[dict]) -> dict:
     if len(good) < len(rounds):
         row["failed_rounds"] = [r["error"] for r in rounds if r.get("error")]
     return row
+
+
+def share_model_flops(rows: list[dict]) -> None:
+    """Give the torch rows the JAX step's FLOPs per image, so their TFLOP/s and MFU compare.
+
+    All three run the same model function, so XLA's count for the JAX executable is the work
+    per image of each; torch has no count of its own.
+    """
+    jax_rows = {
+        (r["config"], r["mode"]): r
+        for r in rows
+        if r["framework"] == "jax" and r.get("tflop_per_s")
+    }
+    for row in rows:
+        ref = jax_rows.get((row["config"], row["mode"]))
+        if row["framework"] == "jax" or ref is None or not row.get("img_per_s"):
+            continue
+        scale = row["img_per_s"] / ref["img_per_s"]
+        row["tflop_per_s"] = ref["tflop_per_s"] * scale
+        if "mfu" in ref:
+            row["mfu"] = ref["mfu"] * scale
 
 
 def run_conversion(variant: str, repeat: int = 3) -> dict:
@@ -241,22 +258,36 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         quick=args.quick,
     )
-    rows = run_all(args)
+    total = len(args.configs) * len(args.modes) * len(args.frameworks)
+
+    def write(rows: list[dict], conversion: dict | None, complete: bool) -> str:
+        """The table (and --json/--markdown files, replaced atomically) for `rows` so far.
+
+        Written after every measurement, so that a run cut short (a time limit on a lent GPU,
+        say) keeps what it measured, marked incomplete.
+        """
+        rows = [dict(r) for r in rows]
+        share_model_flops(rows)
+        ratio_rows = report.ratios(rows)
+        by_key = {(r["config"], r["mode"]): r for r in ratio_rows}
+        for row in rows:  # each jax row also carries its ratios
+            if row["framework"] == "jax":
+                entry = by_key[(row["config"], row["mode"])]
+                row.update({k: v for k, v in entry.items() if k.startswith("jax_over")})
+        status = dict(meta, complete=complete, measured=len(rows), planned=total)
+        status["load_avg_end"] = round(os.getloadavg()[0], 2)
+        table = report.markdown(status, rows, ratio_rows, conversion)
+        payload = dict(meta=status, rows=rows, ratios=ratio_rows, conversion=conversion)
+        for path, text in ((args.markdown, table), (args.json, json.dumps(payload, indent=2))):
+            if path:
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(text if text.endswith("\n") else text + "\n")
+                os.replace(tmp, path)
+        return table
+
+    rows = run_all(args, on_row=lambda so_far: write(so_far, None, complete=False))
     conversion = None if args.no_conversion else run_conversion(args.conversion_variant)
-    meta["load_avg_end"] = round(os.getloadavg()[0], 2)
-    ratio_rows = report.ratios(rows)
-    by_key = {(r["config"], r["mode"]): r for r in ratio_rows}
-    for row in rows:  # each jax row also carries its ratios
-        if row["framework"] == "jax":
-            entry = by_key[(row["config"], row["mode"])]
-            row.update({k: v for k, v in entry.items() if k.startswith("jax_over")})
-    table = report.markdown(meta, rows, ratio_rows, conversion)
-    print(table, end="")
-    if args.markdown:
-        args.markdown.write_text(table)
-    if args.json:
-        payload = dict(meta=meta, rows=rows, ratios=ratio_rows, conversion=conversion)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    print(write(rows, conversion, complete=True), end="")
     return 1 if any(r.get("error") and r["framework"] != "torch_compile" for r in rows) else 0
 
 

@@ -119,11 +119,21 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], conversion: d
         "load: the 1-minute load average when the row finished (the benchmark's own threads "
         "count; well above the thread count, other processes competed for the cores).",
     ]
+    if meta.get("complete") is False:
+        lines.append(
+            f"**Incomplete:** {meta['measured']} of {meta['planned']} measurements; the run "
+            "stopped before the rest."
+        )
     if meta["env"]:
         lines.append("Environment: " + ", ".join(f"`{k}={v}`" for k, v in meta["env"].items()))
-    # On an accelerator: achieved TFLOP/s and MFU (jax rows, from XLA's cost analysis) and the
-    # device's peak memory.
+    # On an accelerator: achieved TFLOP/s and MFU and the device's peak memory.
     device_cols = any("peak_device_mem_mb" in r or "mfu" in r for r in rows)
+    if device_cols:
+        lines.append(
+            "TFLOP/s and MFU: the FLOPs of one JAX step by XLA's cost analysis (the same model "
+            "function on every row) over the measured step time, and over the chip's dense bf16 "
+            "peak; device peak MB: the framework's own peak of allocated device memory."
+        )
     extra = " TFLOP/s | MFU | device peak MB |" if device_cols else ""
     lines += [
         "",
@@ -147,7 +157,7 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], conversion: d
         cells += f"| {compile_s} | {peak} | {eager} | {compiled} | {_fmt(r.get('load_avg'))} |"
         if device_cols:
             mfu = r.get("mfu")
-            cells += f" {_fmt(r.get('tflop_per_s'))} | {'—' if mfu is None else f'{mfu:.0%}'} "
+            cells += f" {_fmt(r.get('tflop_per_s'))} | {'—' if mfu is None else f'{mfu:.1%}'} "
             cells += f"| {_fmt(r.get('peak_device_mem_mb'), 0)} |"
         lines.append(cells)
     if conversion:

@@ -74,6 +74,7 @@ def test_quick_ratios_present_and_consistent(quick):
         assert entry["jax_over_torch_compile"] is None  # --quick leaves torch.compile out
     meta = data["meta"]
     assert meta["versions"]["jax"] and meta["versions"]["torch"] and meta["date"]
+    assert meta["complete"] is True and meta["measured"] == meta["planned"] == 4
     assert data["conversion"] is None
 
 
@@ -111,3 +112,37 @@ def test_repeats_below_five_are_refused():
         timeout=120,
     )
     assert proc.returncode != 0 and "at least 5" in proc.stderr
+
+
+def test_flops_count_of_the_lowered_programs():
+    """The FLOPs behind MFU: positive, proportional to the batch, a train step ~3 forwards."""
+    from benchmarks.throughput import jax_step, step_flops
+
+    def flops(mode, batch):
+        jitted, args, _ = jax_step(dict(config="testing", mode=mode, dtype="float32", batch=batch))
+        return step_flops(jitted.lower(*args))
+
+    forward, train = flops("forward", 4), flops("train", 4)
+    assert forward > 0 and 2.0 < train / forward < 4.0, (forward, train)
+    assert flops("forward", 8) == pytest.approx(2 * forward, rel=1e-3)
+
+
+def test_partial_results_are_marked_incomplete():
+    from benchmarks import report
+
+    meta = report.machine_info()
+    meta.update(device="cpu", dtype="float32", threads=2, repeats=5, complete=False)
+    meta.update(measured=1, planned=4)
+    row = dict(
+        config="digits",
+        mode="train",
+        framework="jax",
+        batch=64,
+        img_per_s=10.0,
+        img_per_s_min=9.0,
+        img_per_s_max=11.0,
+        compile_s=1.0,
+        peak_mem_mb=100.0,
+    )
+    md = report.markdown(meta, [row], report.ratios([row]), None)
+    assert "Incomplete:** 1 of 4 measurements" in md

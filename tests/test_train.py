@@ -93,7 +93,8 @@ def test_default_run_reaches_098_and_writes_the_run_directory(tmp_path):
     assert len(evals) == 8 and evals[-1]["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir())[-1] == 8 * 44  # 1437 // 32 steps an epoch
+    steps = 8 * (1437 // 32)  # 8 epochs of the 1,437 training images, batch 32
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir())[-1] == steps
 
     # The exported model is a sepvit_jax checkpoint that reproduces the reported accuracy.
     from sepvit_jax.data import DataConfig, eval_batches
