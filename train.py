@@ -3,9 +3,7 @@
 See `python train.py --help` and `sepvit_jax.train.config.TrainConfig` for every setting.
 """
 
-import sys
-
-from sepvit_jax.train.run import main
+from sepvit_jax.train.run import exit_now, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

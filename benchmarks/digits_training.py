@@ -87,6 +87,7 @@ TORCH_REUSE = "sepvit_torch eager, freed memory reused as train.py does"
 def compare(repeats: int) -> dict:
     rows = {JAX: [], TORCH: [], TORCH_REUSE: []}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every JAX run compiles from scratch
     torch_cmd = [sys.executable, "-m", "benchmarks.digits_training", "--torch-only"]
     for r in range(repeats):  # interleaved, so that a busy spell hits every row alike
         with tempfile.TemporaryDirectory() as runs:

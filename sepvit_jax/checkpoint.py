@@ -72,7 +72,9 @@ def check_target(final: Path, overwrite: bool) -> None:
     if not final.exists() and not final.is_symlink():
         return
     if not overwrite:
-        raise FileExistsError(f"output {final} already exists; pass --overwrite to replace it")
+        raise FileExistsError(
+            f"output {final} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
     if not final.is_dir() or final.is_symlink():
         raise FileExistsError(f"refusing to replace {final}: it is not a directory")
     if not (final / META_FILE).is_file() and any(final.iterdir()):

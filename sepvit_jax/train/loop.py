@@ -106,12 +106,11 @@ class Loop:
       run_dir: where rows are logged (`RunDir`).
       ckpts: the run's `Checkpoints`.
       steps_per_epoch, total: schedule length.
-      schedule: the learning-rate schedule (logged).
     """
 
-    def __init__(self, cfg, run_dir, ckpts, steps_per_epoch: int, total: int, schedule):
+    def __init__(self, cfg, run_dir, ckpts, steps_per_epoch: int, total: int):
         self.cfg, self.run_dir, self.ckpts = cfg, run_dir, ckpts
-        self.spe, self.total, self.schedule = steps_per_epoch, total, schedule
+        self.spe, self.total = steps_per_epoch, total
         self.main = jax.process_index() == 0
         # Default: every epoch, or every 100 steps when epochs are longer (an ImageNet epoch
         # should not hide a NaN, nor pile up thousands of device scalars, for an hour).
@@ -121,7 +120,8 @@ class Loop:
         self.last_accuracy: float | None = None
 
     def _check_finite(self, first_step: int, metrics: list[dict]) -> dict:
-        """Means of the fetched per-step metrics; raises Diverged at the first non-finite one."""
+        """Means of the fetched per-step metrics (the learning rate: the last step's); raises
+        Diverged at the first non-finite one."""
         fetched = jax.device_get(metrics)
         for i, m in enumerate(fetched):
             if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
@@ -134,7 +134,8 @@ class Loop:
                     f"non-finite training loss ({m['loss']}, gradient norm {m['grad_norm']}) "
                     f"at step {first_step + i + 1}; stopped without saving; {kept}"
                 )
-        return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        return {**means, "lr": float(fetched[-1]["lr"])}
 
     def _epoch_save_due(self) -> bool:
         """At an epoch end with the default cadence: save unless the last save is recent.
@@ -189,7 +190,7 @@ class Loop:
                     continue
                 train = self._check_finite(first, pending)
                 pending, first = [], step
-                row = {"step": step, "epoch": step / spe, "lr": float(self.schedule(step - 1))}
+                row = {"step": step, "epoch": step / spe, "lr": train.pop("lr")}
                 row.update({f"train_{k}": v for k, v in train.items()})
                 ckpt_metrics = None
                 if epoch_end:
