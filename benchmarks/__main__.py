@@ -134,8 +134,9 @@ def describe(row: dict) -> str:
     )
 
 
-def run_all(args: argparse.Namespace, on_row=lambda rows: None) -> list[dict]:
-    """Every measurement of the plan, `args.rounds` times; `on_row(rows so far)` after each."""
+def run_all(args: argparse.Namespace, on_row=lambda rows, done: None) -> list[dict]:
+    """Every measurement of the plan, `args.rounds` times; `on_row(rows so far, number of
+    measurements done)` after each."""
     plan = [
         (config, mode, fw)
         for config in args.configs
@@ -165,7 +166,7 @@ def run_all(args: argparse.Namespace, on_row=lambda rows: None) -> list[dict]:
             row = measure(spec, args.timeout)
             progress(f"    {describe(row)}  ({time.perf_counter() - start:.0f} s)")
             results[(config, mode, fw)].append(row)
-            on_row([pool(rounds) for rounds in results.values() if rounds])
+            on_row([pool(rounds) for rounds in results.values() if rounds], step)
     return [pool(rounds) for rounds in results.values()]
 
 
@@ -258,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         quick=args.quick,
     )
-    total = len(args.configs) * len(args.modes) * len(args.frameworks)
+    total = len(args.configs) * len(args.modes) * len(args.frameworks) * args.rounds
 
-    def write(rows: list[dict], conversion: dict | None, complete: bool) -> str:
+    def write(rows: list[dict], conversion: dict | None, done: int, complete: bool) -> str:
         """The table (and --json/--markdown files, replaced atomically) for `rows` so far.
 
         Written after every measurement, so that a run cut short (a time limit on a lent GPU,
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             if row["framework"] == "jax":
                 entry = by_key[(row["config"], row["mode"])]
                 row.update({k: v for k, v in entry.items() if k.startswith("jax_over")})
-        status = dict(meta, complete=complete, measured=len(rows), planned=total)
+        status = dict(meta, complete=complete, measured=done, planned=total)
         status["load_avg_end"] = round(os.getloadavg()[0], 2)
         table = report.markdown(status, rows, ratio_rows, conversion)
         payload = dict(meta=status, rows=rows, ratios=ratio_rows, conversion=conversion)
@@ -285,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.replace(tmp, path)
         return table
 
-    rows = run_all(args, on_row=lambda so_far: write(so_far, None, complete=False))
+    rows = run_all(args, on_row=lambda so_far, done: write(so_far, None, done, complete=False))
     conversion = None if args.no_conversion else run_conversion(args.conversion_variant)
-    print(write(rows, conversion, complete=True), end="")
+    print(write(rows, conversion, total, complete=True), end="")
     return 1 if any(r.get("error") and r["framework"] != "torch_compile" for r in rows) else 0
 
 

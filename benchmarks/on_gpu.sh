@@ -15,8 +15,8 @@
 # tests a little over 2: on a lease of 10-minute calls, run the stages in separate calls with
 # STAGES=bench and STAGES=tests.
 set -uo pipefail
+OUT=$(realpath -m "${OUT:-$(dirname "${BASH_SOURCE[0]}")/results/gpu-run}")
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-benchmarks/results/gpu-run}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -25,6 +25,7 @@ smoke='
 import jax, jax.numpy as jnp, flax
 from flax import nnx
 from sepvit_jax import SepViT, get_config
+assert jax.devices()[0].platform == "gpu", f"JAX sees no GPU: {jax.devices()}"
 model = SepViT.from_config(get_config("digits"), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
 print("smoke:", jax.devices()[0].device_kind, "jax", jax.__version__, "flax", flax.__version__,
       model(jnp.ones((2, 56, 56, 1))).shape)

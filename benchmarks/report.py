@@ -121,8 +121,7 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], conversion: d
     ]
     if meta.get("complete") is False:
         lines.append(
-            f"**Incomplete:** {meta['measured']} of {meta['planned']} measurements; the run "
-            "stopped before the rest."
+            f"**Incomplete:** {meta['measured']} of {meta['planned']} measurements so far."
         )
     if meta["env"]:
         lines.append("Environment: " + ", ".join(f"`{k}={v}`" for k, v in meta["env"].items()))
@@ -130,9 +129,11 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], conversion: d
     device_cols = any("peak_device_mem_mb" in r or "mfu" in r for r in rows)
     if device_cols:
         lines.append(
-            "TFLOP/s and MFU: the FLOPs of one JAX step by XLA's cost analysis (the same model "
-            "function on every row) over the measured step time, and over the chip's dense bf16 "
-            "peak; device peak MB: the framework's own peak of allocated device memory."
+            "TFLOP/s and MFU: the FLOPs of one JAX step by XLA's cost analysis of the lowered "
+            "program (every operation, elementwise ones and the backward's recomputations "
+            "included; the torch rows compute the same function and get the same count) over "
+            "the measured step time, and over the chip's dense bf16 peak; device peak MB: the "
+            "framework's own peak of allocated device memory."
         )
     extra = " TFLOP/s | MFU | device peak MB |" if device_cols else ""
     lines += [

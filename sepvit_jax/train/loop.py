@@ -183,8 +183,9 @@ class Loop:
                 stopping = stop.should_stop(step)
                 epoch_end = step % spe == 0 or step == self.total
                 every = cfg.checkpoint_every
-                periodic = step % every == 0 if every else epoch_end and self._epoch_save_due()
-                save = stopping or step == end or periodic
+                save = stopping or step == end
+                if not save:
+                    save = step % every == 0 if every else epoch_end and self._epoch_save_due()
                 log = save or epoch_end or step % self.log_every == 0
                 if not log:
                     continue

@@ -6,6 +6,8 @@ import json
 import threading
 from pathlib import Path
 
+_preloading: threading.Thread | None = None
+
 
 def preload() -> threading.Thread:
     """Imports matplotlib in a background thread (0.3 s), e.g. while the first steps run, so
@@ -15,9 +17,10 @@ def preload() -> threading.Thread:
         import matplotlib.backends.backend_agg  # noqa: F401
         import matplotlib.figure  # noqa: F401
 
-    thread = threading.Thread(target=load, name="preload-matplotlib", daemon=True)
-    thread.start()
-    return thread
+    global _preloading
+    _preloading = threading.Thread(target=load, name="preload-matplotlib", daemon=True)
+    _preloading.start()
+    return _preloading
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -26,6 +29,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_curves(rows: list[dict], out: str | Path, title: str = "") -> None:
     """Writes a two-panel figure: train loss (left) and test accuracy (right) per step."""
+    if _preloading is not None:
+        _preloading.join()  # import matplotlib in one thread at a time
     # Lazy, and without pyplot (its import and backend set-up cost more than the drawing): a
     # bare Figure renders with the Agg canvas.
     from matplotlib.figure import Figure

@@ -309,8 +309,9 @@ def build_state_and_steps(cfg: TrainConfig, model_cfg, tx, ocfg, mesh, init_para
 
     Compilation is most of the start-up of a small run, and XLA compiles with the GIL released:
     the train step (the longest) is traced first and compiles in a worker thread while the main
-    thread builds the initial state. The eval step compiles in the same worker after it, while
-    the first steps run, and is waited for only at its first call (the end of the first epoch).
+    thread builds the initial state. On CPU the eval step compiles in the same worker after it,
+    while the first steps run, and is waited for only at its first call (the end of the first
+    epoch).
     `continuing`: the state is only abstract, a target to restore into.
     """
     model, abstract, shardings = steps.init_state(
@@ -334,8 +335,14 @@ def build_state_and_steps(cfg: TrainConfig, model_cfg, tx, ocfg, mesh, init_para
                 model_cfg, tx, mesh, seed=cfg.seed, dtype=cfg.dtype, params=init_params
             )[1]
         train = compiled_train.result() if compiled_train else None
-    finally:
-        pool.shutdown(wait=False)
+        if mesh.devices.flat[0].platform != "cpu":
+            # On an accelerator XLA autotunes kernels on the device while compiling: not
+            # alongside training steps.
+            compiled_eval.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=False)
     return state, shardings, train, _CompiledLater(compiled_eval)
 
 
@@ -379,7 +386,7 @@ def exit_now(status: int) -> NoReturn:
     streams and logging to flush, a single-process run ends at once; a multi-process run exits
     normally, so that JAX's distributed runtime shuts down in step with its peers.
     """
-    if _distributed:
+    if _distributed or jax.distributed.is_initialized() or jax.process_count() > 1:
         sys.exit(status)
     logging.shutdown()
     sys.stdout.flush()
