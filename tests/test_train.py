@@ -215,6 +215,22 @@ def test_gradient_accumulation_matches_one_big_batch():
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
+def test_epoch_checkpoints_are_a_minute_apart_and_lr_is_logged(tmp_path, monkeypatch):
+    from sepvit_jax.train import loop
+
+    # testing model, batch 16: 1437 // 16 = 89 steps an epoch, 2 epochs.
+    assert train(tmp_path, "default", "--epochs", "2") == 0
+    saved = lambda name: sorted(int(p.name) for p in (tmp_path / name / "checkpoints").iterdir())  # noqa: E731
+    assert saved("default") == [178]  # the first epoch ended seconds after the start
+    monkeypatch.setattr(loop, "MIN_SECONDS_BETWEEN_EPOCH_CHECKPOINTS", 0.0)
+    assert train(tmp_path, "every-epoch", "--epochs", "2") == 0
+    assert saved("every-epoch") == [89, 178]
+    # The logged learning rate is the one the step used: linear warm-up over the first epoch.
+    rows = {r["step"]: r for r in read_rows(tmp_path / "default")}
+    assert rows[89]["lr"] == pytest.approx(2e-3 * 88 / 89, rel=1e-6)
+    assert rows[178]["lr"] < 1e-6  # cosine decay to --min-lr-ratio 0
+
+
 @pytest.mark.slow
 def test_resume_continues_bitwise(tmp_path):
     # Batch 256: 5 steps per epoch, so the runs cross an epoch boundary (evaluation, reshuffle)
