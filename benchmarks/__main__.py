@@ -20,7 +20,6 @@ Prints a markdown table on stdout and progress on stderr; `--json` writes
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -225,12 +224,7 @@ def run_conversion(variant: str, repeat: int = 3) -> dict:
 
     progress(f"[conversion] {variant} torch2flax ...")
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            if "repeat" in inspect.signature(bench_conversion).parameters:
-                runs = bench_conversion(variant, tmp, repeat=repeat)
-            else:
-                runs = bench_conversion(variant, tmp)
-        runs = runs if isinstance(runs, list) else [runs]
+        runs = bench_conversion(variant, repeat=repeat)  # in a temporary directory of its own
         result = {
             "variant": variant,
             "file_mb": runs[0]["file_mb"],

@@ -1,9 +1,10 @@
 """FLOPs per image of the programs `python -m benchmarks` times, by XLA's cost analysis.
 
-The count comes from the lowered (not yet compiled) program, so it is the same on every platform
-and needs no accelerator: the figures behind the MFU of a GPU or TPU run can be checked on a
-laptop. `train` is one AdamW step (forward, backward, update), `forward` the model in eval mode,
-both exactly the programs `python -m benchmarks` times.
+The count comes from the lowered (not yet compiled) program, where no library call hides any
+work, so it needs no accelerator: the figures behind the MFU of a GPU or TPU run can be checked
+on a laptop (the lowering barely depends on the platform). `train` is one AdamW step (forward,
+backward, update), `forward` the model in eval mode, both exactly the programs
+`python -m benchmarks` times.
 
     python -m benchmarks.flops                              # digits and sepvit_tiny, bfloat16
     python -m benchmarks.flops --configs sepvit_base --batch 64 --dtype float32

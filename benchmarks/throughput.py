@@ -214,8 +214,8 @@ def step_flops(lowered) -> float | None:
 
     The lowered, not the compiled, program: after compilation for a GPU the matrix products are
     library calls (cuBLAS, cuDNN) that the cost analysis counts as zero FLOPs (seen on an H200:
-    a twentieth of the true count for sepvit_tiny's training step). Before compilation the
-    count is the same on every platform.
+    a twentieth of the true count for sepvit_tiny's training step). Before compilation no
+    library call hides any work, and the count barely depends on the platform.
     """
     try:
         cost = lowered.cost_analysis()

@@ -58,10 +58,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
-def _pick(name: str, flags: Mapping, config: Mapping, default: Any) -> tuple[Any, str]:
-    """flag > config > default, with the source."""
+def _pick(
+    name: str, flags: Mapping, config: Mapping, default: Any, flags_origin: str
+) -> tuple[Any, str]:
+    """flag > config > default, with the source (`flags_origin` for a flag)."""
     if flags.get(name) is not None:
-        return flags[name], "flag"
+        return flags[name], flags_origin
     if config.get(name) is not None:
         return config[name], "config"
     return default, "default"
@@ -100,19 +102,16 @@ def resolve_config(
     unknown = sorted(set(flags) - {*CONFIG_FIELDS, "dtype"})
     if unknown:
         raise CheckpointError(f"unknown SepViT config fields {unknown}")
-    window, window_src = _pick("window_size", flags, config, None)
-    dropout, dropout_src = _pick("dropout", flags, config, NOT_IN_WEIGHTS["dropout"])
-    if dropout_src == "flag":
-        dropout_src = flags_origin
-    dtype, dtype_src = _pick("dtype", flags, config, "float32")
+    window, window_src = _pick("window_size", flags, config, None, flags_origin)
+    dropout, dropout_src = _pick("dropout", flags, config, NOT_IN_WEIGHTS["dropout"], flags_origin)
+    dtype, dtype_src = _pick("dtype", flags, config, "float32", flags_origin)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(window, list):
         window = tuple(window)
     cfg, sources = infer_config(state_dict, window_size=window, dropout=dropout)
-    sources["window_size"] = "default" if window is None else window_src
-    sources = {k: flags_origin if v == "flag" else v for k, v in sources.items()}
-    sources["dropout"] = dropout_src
+    # The two fields the weights do not give: where they really came from.
+    sources.update(window_size=window_src, dropout=dropout_src)
 
     contradictions, adopt = [], {}
     for origin_name, given_values in ((flags_origin, flags), (config_origin, config)):
@@ -133,7 +132,7 @@ def resolve_config(
         raise CheckpointError("; ".join(contradictions))
     if adopt:
         cfg = cfg.replace(**adopt)
-    sources["dtype"] = flags_origin if dtype_src == "flag" else dtype_src
+    sources["dtype"] = dtype_src
     return Resolved(cfg, dtype, sources)
 
 

@@ -55,13 +55,8 @@ def _cluster_env() -> bool:
     )
 
 
-_distributed = False  # set once jax.distributed.initialize has been called
-
-
 def init_distributed(cfg: TrainConfig) -> None:
     """jax.distributed.initialize from the flags, or from the environment of a cluster."""
-    global _distributed
-    _distributed = bool(cfg.coordinator_address or cfg.num_processes or _cluster_env())
     if cfg.coordinator_address or cfg.num_processes:
         jax.distributed.initialize(
             coordinator_address=cfg.coordinator_address,
@@ -386,7 +381,7 @@ def exit_now(status: int) -> NoReturn:
     streams and logging to flush, a single-process run ends at once; a multi-process run exits
     normally, so that JAX's distributed runtime shuts down in step with its peers.
     """
-    if _distributed or jax.distributed.is_initialized() or jax.process_count() > 1:
+    if jax.distributed.is_initialized() or jax.process_count() > 1:
         sys.exit(status)
     logging.shutdown()
     sys.stdout.flush()
