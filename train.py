@@ -1,9 +1,10 @@
 """Train SepViT: `python train.py` trains the digits default (>= 0.98 test accuracy).
 
-See `python train.py --help` and `sepvit_jax.train.config.TrainConfig` for every setting.
+The same program as the `sepvit-train` console script; see `python train.py --help` and
+`sepvit_jax.train.config.TrainConfig` for every setting.
 """
 
-from sepvit_jax.train.run import exit_now, main
+from sepvit_jax.train.entry import main
 
 if __name__ == "__main__":
-    exit_now(main())
+    main()

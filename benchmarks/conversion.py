@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sepvit_jax.core.config import get_config
+from sepvit_jax.core.table import torch_shapes
+
 TARGET_SECONDS = 10.0
 TARGET_RATIO = 3.0
 
@@ -33,13 +36,10 @@ def make_checkpoint(variant: str, path: Path, seed: int = 0) -> Path:
     """A torch.save'd state_dict of `variant` with random weights (no model is built)."""
     import torch
 
-    from convert.pipeline import expected_shapes
-    from sepvit_jax.config import get_config
-
     rng = np.random.default_rng(seed)
     state = {
         key: torch.from_numpy(rng.standard_normal(shape, np.float32) * np.float32(0.02))
-        for key, shape in expected_shapes(get_config(variant)).items()
+        for key, shape in torch_shapes(get_config(variant)).items()
     }
     torch.save(state, path)
     return path

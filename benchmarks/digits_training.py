@@ -11,8 +11,8 @@ curves and the exported model included.
     python -m benchmarks.digits_training [--repeats 3] [--json FILE]
     python -m benchmarks.digits_training --torch-only   # one PyTorch run, in this process
 
-train.py keeps freed host memory for reuse (`sepvit_jax.allocator`); the third row gives PyTorch
-the same setting, so that the comparison is of the frameworks, not of the allocator.
+train.py keeps freed host memory for reuse (`sepvit_jax.train.allocator`); the third row gives
+PyTorch the same setting, so that the comparison is of the frameworks, not of the allocator.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.torch_only:
         if args.reuse_freed_memory:
-            from sepvit_jax.allocator import reuse_freed_memory
+            from sepvit_jax.train.allocator import reuse_freed_memory
 
             reuse_freed_memory()
         torch_recipe()

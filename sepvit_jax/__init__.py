@@ -1,13 +1,14 @@
 """sepvit_jax: SepViT (Separable Vision Transformer) in Flax NNX, NHWC.
 
 Computes the same function as vit-pytorch's `SepViT` (and `sepvit_torch.SepViT`); weights convert
-both ways with `convert`. Heavy submodules load lazily, so `from sepvit_jax.config import ...`
-(which `sepvit_torch` and the converter use) never imports JAX.
+both ways with `convert`. The ground floor (`sepvit_jax.core`: config, weight table, checkpoint
+format, torch file reading) imports neither JAX nor torch; the model and its checkpoints load
+lazily, on first use of these names.
 """
 
 import importlib
 
-from sepvit_jax.config import CONFIGS, SepViTConfig, get_config
+from sepvit_jax.core.config import CONFIGS, SepViTConfig, get_config
 
 _LAZY = {
     "SepViT": "sepvit_jax.model",

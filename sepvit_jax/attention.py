@@ -1,7 +1,8 @@
 """DSSA, SepViT's depthwise-separable self-attention, in Flax NNX (NHWC).
 
-Axis legend: B batch, H/W feature map, X/Y window grid (H = X*ws, W = Y*ws), n = X*Y windows,
-h heads, d = dim_head, t = ws*ws tokens of a window (+1 with the window token), i/j query/key.
+Axis legend (also the einops names): b batch, x/y window grid and w1/w2 position inside a
+window (H = x*w1, W = y*w2, w1 = w2 = ws), n = x*y windows, h heads, d = dim_head, t = w1*w2
+tokens of a window (+1 with the window token), i/j query/key.
 
 1. Depthwise: inside each window, attention over its t tokens plus one learned window token
    (the same vector for every window, prepended as token 0).
@@ -12,46 +13,13 @@ With one window the second step is skipped, as upstream does (its weights then g
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
-from sepvit_jax.layers import (
-    ChanLayerNorm,
-    after,
-    dropout_layer,
-    gelu,
-    stats_dtype,
-    torch_layer_norm,
-    torch_linear,
-)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def softmax(logits: jax.Array, dtype) -> jax.Array:
-    """Softmax over the last axis in at least float32, returned in `dtype`.
-
-    speed: the backward keeps only the probabilities (which attn @ v keeps anyway), not the
-    exponentials and normalisers autodiff would keep (see `sepvit_jax.layers`, custom VJPs).
-    """
-    return jax.nn.softmax(logits.astype(stats_dtype(logits.dtype)), axis=-1).astype(dtype)
-
-
-def _softmax_fwd(logits, dtype):
-    probs = softmax(logits, dtype)
-    return probs, (probs, jnp.zeros((0,), logits.dtype))
-
-
-def _softmax_bwd(dtype, residuals, dprobs):
-    (probs, like), dprobs = after(residuals, dprobs)
-    compute = stats_dtype(probs.dtype)
-    p, dp = probs.astype(compute), dprobs.astype(compute)
-    return ((p * (dp - (p * dp).sum(axis=-1, keepdims=True))).astype(like.dtype),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
+from sepvit_jax.kernels import gelu, softmax
+from sepvit_jax.layers import ChanLayerNorm, dropout_layer, torch_layer_norm, torch_linear
 
 
 class WindowTokensToQK(nnx.Module):
@@ -117,22 +85,27 @@ class DSSA(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, _ = x.shape
         ws, h, d = self.window_size, self.heads, self.dim_head
-        nx, ny = height // ws, width // ws
-        n, t = nx * ny, ws * ws
+        windows = dict(w1=ws, w2=ws, h=h, d=d)
+        n = (height // ws) * (width // ws)
         scale = d**-0.5
 
-        # Project every position once, then cut into windows: (3, B, n, h, t, d).
-        qkv = self.to_qkv(self.norm(x)).reshape(batch, nx, ws, ny, ws, 3, h, d)
-        qkv = qkv.transpose(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch, n, h, t, d)
+        # Project every position once, then cut into windows; channel = head * d + feature.
+        qkv = rearrange(
+            self.to_qkv(self.norm(x)),
+            "b (x w1) (y w2) (qkv h d) -> qkv b (x y) h (w1 w2) d",
+            qkv=3,
+            **windows,
+        )
         # The window token is the same for every window: project it once and broadcast.
-        token_qkv = self.to_qkv(self.window_tokens[...].astype(qkv.dtype)).reshape(3, 1, 1, h, 1, d)
+        token_qkv = self.to_qkv(self.window_tokens[...].astype(qkv.dtype))
+        token_qkv = rearrange(token_qkv, "(qkv h d) -> qkv 1 1 h 1 d", qkv=3, h=h)
         token_qkv = jnp.broadcast_to(token_qkv, (3, batch, n, h, 1, d))
         q, k, v = jnp.concatenate([token_qkv, qkv], axis=-2)
 
         logits = jnp.einsum("bnhid,bnhjd->bnhij", q * scale, k)
         attn = self.attn_dropout(softmax(logits, v.dtype))
         out = jnp.einsum("bnhij,bnhjd->bnhid", attn, v)
-        window_out, fmaps = out[..., 0, :], out[..., 1:, :]  # (B,n,h,d), (B,n,h,t,d)
+        window_out, fmaps = out[..., 0, :], out[..., 1:, :]  # (b, n, h, d), (b, n, h, t, d)
 
         if n > 1:
             w_q, w_k = self.window_tokens_to_qk(window_out)
@@ -140,6 +113,8 @@ class DSSA(nnx.Module):
             w_attn = self.window_attn_dropout(softmax(w_logits, fmaps.dtype))
             fmaps = jnp.einsum("bhij,bjhtd->bihtd", w_attn, fmaps)
 
-        # Fold the windows back into the map; channel = head * d + feature.
-        fmap = fmaps.reshape(batch, nx, ny, h, ws, ws, d).transpose(0, 1, 4, 2, 5, 3, 6)
-        return self.out_dropout(self.to_out(fmap.reshape(batch, height, width, h * d)))
+        # Fold the windows back into the map.
+        fmap = rearrange(
+            fmaps, "b (x y) h (w1 w2) d -> b (x w1) (y w2) (h d)", x=height // ws, **windows
+        )
+        return self.out_dropout(self.to_out(fmap))

@@ -1,8 +1,8 @@
 """SepViT in Flax NNX: stages of (overlapping patch embedding, PEG, transformer), then a head.
 
 Input NHWC `(batch, height, width, channels)`. Same hyper-parameters as vit-pytorch's `SepViT`
-(see `sepvit_jax.config.SepViTConfig`) and the same function: weights convert both ways through
-the table in `convert.mapping`. Module paths follow the torch names where they can:
+(see `sepvit_jax.core.config.SepViTConfig`) and the same function: weights convert both ways through
+the table in `sepvit_jax.core.table`. Module paths follow the torch names where they can:
 
     torch                                   here
     layers.{i}.0 / .1 / .2                  layers[i].patch_embed / .peg / .transformer
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sepvit_jax.attention import DSSA
-from sepvit_jax.config import SepViTConfig
+from sepvit_jax.core.config import SepViTConfig
 from sepvit_jax.layers import (
     PEG,
     ChanLayerNorm,

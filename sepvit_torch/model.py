@@ -1,8 +1,8 @@
 """SepViT in PyTorch: the reference model, state_dict-compatible with vit-pytorch's `SepViT`.
 
 Layout NCHW. Module names and parameter shapes follow vit-pytorch exactly, so an upstream
-checkpoint loads with `strict=True`; the tensor names are listed in SPEC.md and in
-`convert.mapping`. Unlike upstream, `window_size` (int or per-stage tuple) and `dim_head` are
+checkpoint loads with `strict=True`; every tensor name and shape is a row of the weight table,
+`sepvit_jax.core.table`. Unlike upstream, `window_size` (int or per-stage tuple) and `dim_head` are
 honoured: vit-pytorch never passes them on to its blocks, so every upstream model is really
 window size 7, dim_head 32, whatever it was constructed with.
 
@@ -17,7 +17,7 @@ from einops import rearrange
 from einops.layers.torch import Rearrange, Reduce
 from torch import nn
 
-from sepvit_jax.config import SepViTConfig
+from sepvit_jax.core.config import SepViTConfig
 
 
 class ChanLayerNorm(nn.Module):
@@ -180,7 +180,7 @@ class SepViT(nn.Module):
 
     Args:
       num_classes, dim, depth, heads, window_size, dim_head, ff_mult, channels, dropout: see
-        `sepvit_jax.config.SepViTConfig`.
+        `sepvit_jax.core.config.SepViTConfig`.
     """
 
     def __init__(

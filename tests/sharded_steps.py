@@ -1,4 +1,5 @@
-"""Run by tests/test_train_sharding.py in a fresh process with 8 simulated CPU devices.
+"""Run by tests/test_train.py (test_meshes_give_the_one_device_parameters) in a fresh process
+with 8 simulated CPU devices.
 
 Trains the same model on the same three batches on one device and on meshes (data=8),
 (data=4, fsdp=2), (data=2, fsdp=4), and prints one JSON line: for every mesh, the largest
@@ -18,8 +19,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sepvit_jax import sharding  # noqa: E402
-from sepvit_jax.config import SepViTConfig  # noqa: E402
-from sepvit_jax.train import steps  # noqa: E402
+from sepvit_jax.core.config import SepViTConfig  # noqa: E402
+from sepvit_jax.train import optim, steps  # noqa: E402
 
 MESHES = ("data=8", "data=4,fsdp=2", "data=2,fsdp=4")
 
@@ -33,10 +34,11 @@ RULES = sharding.ShardingRules(fsdp_min_size=2**14)
 
 
 def train_three_steps(mesh) -> tuple[dict, dict]:
-    ocfg = steps.OptimConfig(lr=1e-3, warmup_steps=1, total_steps=3)
-    tx = steps.make_optimizer(ocfg)
-    model, state, shardings = steps.init_state(CONFIG, tx, mesh, seed=0, rules=RULES)
-    train_step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
+    optim_cfg = optim.OptimConfig(lr=1e-3, warmup_steps=1, total_steps=3)
+    optimizer = optim.make_optimizer(optim_cfg)
+    plan = steps.plan_state(CONFIG, optimizer, mesh, seed=0, rules=RULES)
+    state, shardings = plan.build(), plan.shardings
+    train_step = steps.make_train_step(plan.graphs, optimizer, optim_cfg, shardings, mesh)
     rng = np.random.default_rng(0)
     bsharding = sharding.batch_sharding(mesh)
     for _ in range(3):
@@ -58,11 +60,8 @@ def max_abs_difference(a: dict, b: dict) -> float:
 
 def init_from_given_params(mesh, given: dict) -> float:
     """Difference between host parameters handed to init_state and the sharded state."""
-    tx = steps.make_optimizer(steps.OptimConfig())
-    _, abstract, _ = steps.init_state(CONFIG, tx, mesh, seed=0, rules=RULES, abstract=True)
-    params = abstract["params"]
-    nnx.replace_by_pure_dict(params, given)
-    _, state, _ = steps.init_state(CONFIG, tx, mesh, seed=1, rules=RULES, params=params)
+    optimizer = optim.make_optimizer(optim.OptimConfig())
+    state = steps.plan_state(CONFIG, optimizer, mesh, seed=1, rules=RULES, params=given).build()
     return max_abs_difference(jax.device_get(nnx.to_pure_dict(state["params"])), given)
 
 

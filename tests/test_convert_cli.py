@@ -26,9 +26,11 @@ import torch
 from safetensors.torch import save_file as save_safetensors
 
 import sepvit_torch
-from convert import pipeline
+from convert import verify
 from convert.cli import main
-from tests.conftest import FIXTURES, GOLDEN_CASES
+from sepvit_jax.checkpoint import directory_state_dict
+from sepvit_jax.core.infer import CONFIG_FIELDS
+from tests.helpers import FIXTURES, GOLDEN_CASES
 
 BIN = Path(sys.executable).parent
 
@@ -38,9 +40,9 @@ def fixture_sd(case: str = "two_stage_56") -> dict[str, torch.Tensor]:
 
 
 def fixture_config(case: str):
-    from convert.infer import infer_config
+    from sepvit_jax.core.infer import infer_config
 
-    return infer_config(fixture_sd(case))[0]
+    return infer_config(fixture_sd(case))
 
 
 def run(*args, script: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -77,7 +79,7 @@ def assert_failed(status: int, err: str, *fragments: str, expected: int = 2) -> 
 
 def config_table(stdout: str) -> dict[str, tuple[str, str]]:
     """The printed config: field -> (value, source)."""
-    fields = {*pipeline.CONFIG_FIELDS, "dtype"}
+    fields = {*CONFIG_FIELDS, "dtype"}
     rows = [line.split() for line in stdout.splitlines()]
     return {r[0]: (r[1], r[2]) for r in rows if len(r) >= 3 and r[0] in fields}
 
@@ -88,7 +90,7 @@ def listing(directory: Path) -> list[str]:
 
 
 def converted_state_dict(directory: Path) -> dict[str, np.ndarray]:
-    return pipeline.flax_dir_state_dict(directory)[1]
+    return directory_state_dict(directory)[1]
 
 
 def assert_bitwise(got: dict[str, np.ndarray], want: dict[str, torch.Tensor]) -> None:
@@ -123,7 +125,7 @@ def test_torch2flax_fixture_with_verify_subprocess(two_stage_run):
     assert table["dropout"] == ("0.0", "default") and len(table) == 10
     assert "parameters: 39,482" in stdout
     diff = float(stdout.split("max rel diff ")[1].split()[0])
-    assert "max abs diff" in stdout and diff <= pipeline.VERIFY_RTOL and "): ok" in stdout
+    assert "max abs diff" in stdout and diff <= verify.VERIFY_RTOL and "): ok" in stdout
     assert sorted(os.listdir(out)) == ["config.json", "params", "sepvit.json"]
     assert listing(out.parent) == ["two_stage_flax"]  # no temporary sibling left
     config = json.loads((out / "config.json").read_text())
@@ -252,14 +254,16 @@ def test_verify_fixture_in_process(fixture_dirs, case):
     status, out, _ = fixture_dirs[case]
     assert status == 0
     diff = float(out.split("max rel diff ")[1].split()[0])
-    assert diff <= pipeline.VERIFY_RTOL and "): ok" in out
+    assert diff <= verify.VERIFY_RTOL and "): ok" in out
 
 
 def test_verify_mismatch_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
     def mismatch(cfg, state_dict, flax_model, **kwargs):
-        return pipeline.Verification(max_abs=0.5, max_rel=0.1, image_size=53, batch=2)
+        return verify.Verification(max_abs=0.5, max_rel=0.1, image_size=53, batch=2)
 
-    monkeypatch.setattr(pipeline, "verify", mismatch)
+    import convert.torch2flax
+
+    monkeypatch.setattr(convert.torch2flax, "verify", mismatch)
     status, out, err = cli(
         capsys, "torch2flax", FIXTURES / "two_stage_56.pt", "-o", tmp_path / "o", "--verify"
     )
@@ -575,7 +579,7 @@ def test_input_errors(tmp_path, capsys, name):
 
 
 def test_debug_shows_the_exception(tmp_path):
-    from convert.io import CheckpointError
+    from sepvit_jax.core.torch_io import CheckpointError
 
     with pytest.raises(CheckpointError, match="not found"):
         main(["torch2flax", str(tmp_path / "nope.pt"), "--debug"])

@@ -20,9 +20,14 @@ import pytest
 import torch
 from safetensors.torch import save_file as save_safetensors
 
-from convert.infer import infer_config
-from convert.io import CheckpointError, read_state_dict, save_state_dict, unwrap_state_dict
-from sepvit_jax.config import SepViTConfig
+from sepvit_jax.core.config import SepViTConfig
+from sepvit_jax.core.infer import infer_config, resolve_config
+from sepvit_jax.core.torch_io import (
+    CheckpointError,
+    read_state_dict,
+    save_state_dict,
+    unwrap_state_dict,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CASES = ("two_stage_56", "three_stage_112", "rect_gray")
@@ -497,7 +502,8 @@ def _expected_config(case: str) -> SepViTConfig:
 
 @pytest.mark.parametrize("case", CASES)
 def test_infer_config_fixtures(case):
-    config, sources = infer_config(read_state_dict(FIXTURES / f"{case}.pt"))
+    resolved = resolve_config(read_state_dict(FIXTURES / f"{case}.pt"))
+    config, sources = resolved.config, resolved.sources
     assert config == _expected_config(case)
     # Types matter too (heads int vs tuple, ff_mult int), not only ==.
     assert type(config.heads) is type(_expected_config(case).heads)
@@ -508,12 +514,12 @@ def test_infer_config_fixtures(case):
 
 
 def test_infer_config_from_torch_tensors_and_flags(sd):
-    config, sources = infer_config(sd, window_size=(7, 7), dropout=0.1)
-    assert config.window_size == 7 and config.dropout == 0.1
-    assert sources["window_size"] == "flag" and sources["dropout"] == "flag"
-    config, _ = infer_config(sd, window_size=[7, 4])
+    resolved = resolve_config(sd, flags={"window_size": (7, 7), "dropout": 0.1})
+    assert resolved.config.window_size == 7 and resolved.config.dropout == 0.1
+    assert resolved.sources["window_size"] == "flag" and resolved.sources["dropout"] == "flag"
+    config = infer_config(sd, window_size=[7, 4])
     assert config.window_size == (7, 4)
-    config, _ = infer_config(sd, window_size=14)
+    config = infer_config(sd, window_size=14)
     assert config.window_size == 14
     with pytest.raises(CheckpointError, match=r"window_size \(7, 7, 7\) has 3 entries.*2 stages"):
         infer_config(sd, window_size=(7, 7, 7))
@@ -528,6 +534,7 @@ def _set_ff(state, inner_of):
         if key.endswith(".1.net.1.weight"):
             d = state[key].shape[1]
             state[key] = np.zeros((inner_of(d), d, 1, 1), np.float32)
+            state[key.replace("weight", "bias")] = np.zeros((inner_of(d),), np.float32)
             state[key.replace("net.1.weight", "net.4.weight")] = np.zeros(
                 (d, inner_of(d), 1, 1), np.float32
             )
@@ -537,7 +544,7 @@ def _set_ff(state, inner_of):
 def test_infer_non_integral_ff_mult(ff_mult):
     state = _shapes()
     _set_ff(state, lambda d: int(d * ff_mult))
-    config, _ = infer_config(state)
+    config = resolve_config(state).config
     assert config.ff_mult == ff_mult and type(config.ff_mult) is type(ff_mult)
     dims = config.stage_dims
     assert [config.ff_inner_dim(i) for i in range(3)] == [int(d * ff_mult) for d in dims]
@@ -551,11 +558,12 @@ def _replace(state, key, shape):
 CONTRADICTIONS = {
     "stage width": (
         lambda s: _replace(s, "layers.1.0.conv.weight", (40, 24, 3, 3)),
-        r"'layers.1.0.conv.weight' has shape \(40, 24, 3, 3\).*\(48, 24, 3, 3\)",
+        r"layers.1.0.conv.weight: checkpoint \(40, 24, 3, 3\), model expects \(48, 24, 3, 3\)",
     ),
     "dim_head": (
         lambda s: _replace(s, "layers.2.2.layers.0.0.window_tokens_to_qk.0.weight", (16,)),
-        r"'layers.2.2.layers.0.0.window_tokens_to_qk.0.weight' has shape \(16,\).*dim_head",
+        r"layers.2.2.layers.0.0.window_tokens_to_qk.0.weight: checkpoint \(16,\), model "
+        r"expects \(32,\)",
     ),
     "ff_mult": (
         lambda s: _replace(
@@ -567,19 +575,20 @@ CONTRADICTIONS = {
     ),
     "heads within a stage": (
         lambda s: _replace(s, "layers.0.2.layers.1.0.to_qkv.weight", (288, 24, 1)),
-        r"'layers.0.2.layers.1.0.to_qkv.weight' has shape \(288, 24, 1\).*3 heads",
+        r"layers.0.2.layers.1.0.to_qkv.weight: checkpoint \(288, 24, 1\), model expects "
+        r"\(192, 24, 1\)",
     ),
     "qkv not a multiple": (
         lambda s: _replace(s, "layers.0.2.layers.0.0.to_qkv.weight", (100, 24, 1)),
-        r"'layers.0.2.layers.0.0.to_qkv.weight' has shape \(100, 24, 1\)",
+        r"'layers.0.2.layers.0.0.to_qkv.weight' has 100 rows, not a multiple of 3 \* dim_head",
     ),
     "head width": (
         lambda s: _replace(s, "mlp_head.2.weight", (7, 24)),
-        r"'mlp_head.2.weight' has shape \(7, 24\).*\(num_classes, 96\)",
+        r"mlp_head.2.weight: checkpoint \(7, 24\), model expects \(7, 96\)",
     ),
     "missing key": (
         lambda s: {k: v for k, v in s.items() if not k.endswith("1.2.layers.0.0.to_out.0.weight")},
-        r"missing 'layers.1.2.layers.0.0.to_out.0.weight'",
+        r"missing keys \(1\): layers.1.2.layers.0.0.to_out.0.weight",
     ),
     "stage gap": (
         lambda s: {k: v for k, v in s.items() if not k.startswith("layers.1.")},
@@ -596,7 +605,7 @@ CONTRADICTIONS = {
 def test_infer_contradictory_shapes_raise(name):
     corrupt, pattern = CONTRADICTIONS[name]
     with pytest.raises(CheckpointError, match=pattern):
-        infer_config(corrupt(_shapes()))
+        resolve_config(corrupt(_shapes()))
 
 
 # ---- save_state_dict -----------------------------------------------------------------------

@@ -15,8 +15,8 @@ import torch
 from flax import nnx
 
 import sepvit_torch
-from convert.mapping import from_state_dict, nnx_to_state_dict
-from tests.conftest import (
+from sepvit_jax.checkpoint import from_state_dict, nnx_to_state_dict
+from tests.helpers import (
     FIXTURES,
     GOLDEN_CASES,
     assert_close,

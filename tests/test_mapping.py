@@ -9,9 +9,10 @@ import torch
 from flax import nnx
 
 import sepvit_torch
-from convert.mapping import from_state_dict, nnx_to_state_dict, state_dict_to_nnx, weight_table
 from sepvit_jax import CONFIGS, SepViT, get_config
-from tests.conftest import GOLDEN_CASES, golden_params, load_golden
+from sepvit_jax.checkpoint import from_state_dict, nnx_to_state_dict, state_dict_to_nnx
+from sepvit_jax.core.table import weight_table
+from tests.helpers import GOLDEN_CASES, golden_params, load_golden
 
 
 def abstract_model(config):

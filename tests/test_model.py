@@ -13,8 +13,9 @@ import torch
 from flax import nnx
 
 import sepvit_torch
-from convert.mapping import from_state_dict, nnx_to_state_dict
 from sepvit_jax import CONFIGS, SepViT, SepViTConfig, get_config
+from sepvit_jax.checkpoint import from_state_dict, nnx_to_state_dict
+from tests.helpers import FIXTURES
 
 # Pinned parameter counts of every named variant (the same in torch and Flax).
 PARAM_COUNTS = {
@@ -74,7 +75,11 @@ def test_config_json_round_trip(tmp_path):
 
 
 def test_sepvit_torch_does_not_import_jax():
-    code = "import sys, sepvit_torch, convert.io, convert.infer; print('jax' in sys.modules)"
+    """A torch-only user loads a checkpoint into the torch model without JAX."""
+    code = (
+        "import sys, sepvit_torch, sepvit_jax.core.infer, sepvit_jax.core.torch_io; "
+        f"sepvit_torch.load({str(FIXTURES / 'two_stage_56.pt')!r}); print('jax' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -19,9 +19,9 @@ import torch
 from flax import nnx
 
 import sepvit_torch
-from convert.mapping import from_state_dict, nnx_to_state_dict
-from sepvit_jax.config import SepViTConfig
-from tests.conftest import assert_close, nchw_to_nhwc, nhwc_to_nchw
+from sepvit_jax.checkpoint import from_state_dict, nnx_to_state_dict
+from sepvit_jax.core.config import SepViTConfig
+from tests.helpers import assert_close, nchw_to_nhwc, nhwc_to_nchw
 
 F32_RTOL = 2e-5
 F64_RTOL = 1e-9

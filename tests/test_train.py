@@ -26,7 +26,7 @@ from PIL import Image
 import sepvit_jax
 from sepvit_jax.train.config import TrainConfig, model_config, parse_args
 from sepvit_jax.train.run import main
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
 # A small model and batch: 56x56 digits, 2x2 windows of 7 then one window.
@@ -184,8 +184,8 @@ def test_gradient_accumulation_matches_one_big_batch():
     import optax
 
     from sepvit_jax import sharding
-    from sepvit_jax.config import SepViTConfig
-    from sepvit_jax.train import steps
+    from sepvit_jax.core.config import SepViTConfig
+    from sepvit_jax.train import optim, steps
 
     # SGD with lr 1: one step moves the parameters by exactly minus the gradient, so this
     # compares the gradient of 2 micro-batches of 8 with that of the batch of 16.
@@ -199,11 +199,12 @@ def test_gradient_accumulation_matches_one_big_batch():
     batch = sharding.global_batch(batch, sharding.batch_sharding(mesh))
     updates, losses = [], []
     for accum in (1, 2):
-        ocfg = steps.OptimConfig(grad_accum=accum)
-        tx = optax.sgd(1.0)
-        model, state, shardings = steps.init_state(cfg, tx, mesh, seed=0)
+        optim_cfg = optim.OptimConfig(grad_accum=accum)
+        optimizer = optax.sgd(1.0)
+        plan = steps.plan_state(cfg, optimizer, mesh, seed=0)
+        state = plan.build()
         before = jax.tree.leaves(jax.device_get(nnx.to_pure_dict(state["params"])))
-        step = steps.make_train_step(model, tx, ocfg, shardings, mesh)
+        step = steps.make_train_step(plan.graphs, optimizer, optim_cfg, plan.shardings, mesh)
         state, metrics = step(state, batch)
         after = jax.tree.leaves(jax.device_get(nnx.to_pure_dict(state["params"])))
         updates.append([a - b for a, b in zip(after, before, strict=True)])
@@ -444,11 +445,12 @@ def test_a_new_run_refuses_a_directory_with_checkpoints(tmp_path, capsys):
 
 
 def test_weight_decay_applies_to_kernels_only():
-    from sepvit_jax.config import get_config
-    from sepvit_jax.train import steps
+    from sepvit_jax.checkpoint import abstract_model
+    from sepvit_jax.core.config import get_config
+    from sepvit_jax.train import optim
 
-    _, params, _ = steps.abstract_model(get_config("testing"))
-    mask = steps.decay_mask(params)
+    params = nnx.state(abstract_model(get_config("testing")), nnx.Param)
+    mask = optim.decay_mask(params)
     decayed = {
         jax.tree_util.keystr(path[:-1], simple=True, separator="/")
         for path, on in jax.tree_util.tree_leaves_with_path(mask)

@@ -23,7 +23,8 @@ would produce with ``process_count=1``. In Grain terms: shuffle -> slice to whol
 ``batch(b)`` (one "micro-batch" per block) -> ``[p::process_count]`` -> ``repeat()``. Everything
 before the final map is index arithmetic, so a process only ever decodes its own examples.
 
-This package does not import JAX: Grain's worker processes (spawned) import it cheaply.
+This package's own modules never import JAX at module level (Grain itself does, through its
+profiler, when it is imported).
 """
 
 from sepvit_jax.data.config import DATASETS, DataConfig, DataError, DatasetInfo

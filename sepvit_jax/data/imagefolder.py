@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from sepvit_jax.data.config import DataError
 
@@ -156,15 +157,11 @@ def _record_bad(
 
 
 def _decode_rgb(path: str):
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.convert("RGB")  # convert() forces the full decode: errors surface here
 
 
 def _decode_errors() -> tuple[type[BaseException], ...]:
-    from PIL import Image
-
     # OSError covers UnidentifiedImageError and truncated files; the others come from broken
     # headers of some formats and from absurd sizes.
     return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -252,8 +249,6 @@ class Loader:
                 break
         else:  # pragma: no cover - only reachable with max_bad_fraction=1
             raise DataError(f"no readable image in {self.root}/{self.split}")
-        from PIL import Image
-
         box = random_resized_crop_box(img.width, img.height, rng)
         size = (self.image_size, self.image_size)
         img = img.resize(size, Image.Resampling.BILINEAR, box=box)
@@ -277,8 +272,6 @@ class Loader:
                 "label": split.labels[position],
                 "mask": np.bool_(False),
             }
-        from PIL import Image
-
         short = int(s / _EVAL_CROP_FRACTION)
         w, h = img.size
         new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)

@@ -6,6 +6,7 @@ See the package docstring for how the global batch is split among processes.
 from __future__ import annotations
 
 import grain
+from absl import flags
 
 from sepvit_jax.data import digits, imagefolder, synthetic
 from sepvit_jax.data.config import (
@@ -105,8 +106,6 @@ def _ensure_absl_flags_parsed() -> None:
     # UnparsedFlagAccessError unless the program parsed them, i.e. unless it runs under
     # absl.app. Marking them parsed keeps every flag at its default; an absl.app program has
     # already parsed them and is unaffected.
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

@@ -18,7 +18,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from sepvit_jax.config import CONFIGS, SepViTConfig
+from sepvit_jax.core.config import CONFIGS, SepViTConfig
+from sepvit_jax.data import DataConfig
+from sepvit_jax.train.optim import OptimConfig
 
 # Settings that only steer this invocation (or this process) and are not saved with the run.
 TRANSIENT = (
@@ -30,6 +32,10 @@ TRANSIENT = (
     "num_processes",
     "process_id",
 )
+
+
+# Compute dtypes of a run (parameters are always float32).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -73,7 +79,9 @@ class TrainConfig:
     label_smoothing: float = _setting(0.1, "label smoothing of the training loss")
     min_lr_ratio: float = _setting(0.0, "final learning rate as a fraction of --lr")
     grad_accum: int = _setting(1, "micro-batches per step (gradients averaged)")
-    dtype: str = _setting("float32", "compute dtype: float32 | bfloat16 (parameters float32)")
+    dtype: str = _setting(
+        "float32", f"compute dtype: {' | '.join(COMPUTE_DTYPES)} (parameters float32)"
+    )
     # ---- devices ----
     mesh: str = _setting("data=-1,fsdp=1", "device mesh axes (-1: the remaining devices)")
     seed: int = _setting(0, "seed of the initialisation, dropout and data order")
@@ -107,6 +115,37 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(
+            name=self.data,
+            data_dir=self.data_dir,
+            image_size=self.image_size,
+            num_workers=self.num_workers,
+            prefetch=self.prefetch,
+            seed=self.seed,
+            max_bad_fraction=self.max_bad_fraction,
+        )
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+
+    def optim_config(self, steps_per_epoch: int) -> OptimConfig:
+        return OptimConfig(
+            lr=self.lr,
+            warmup_steps=steps_per_epoch if self.warmup_steps < 0 else self.warmup_steps,
+            total_steps=self.total_steps(steps_per_epoch),
+            weight_decay=self.weight_decay,
+            clip_norm=self.clip_norm,
+            label_smoothing=self.label_smoothing,
+            min_lr_ratio=self.min_lr_ratio,
+            grad_accum=self.grad_accum,
+        )
+
+    def check(self) -> None:
+        """Raise ConfigError for settings that cannot work whatever the data and devices."""
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"--dtype must be one of {list(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
 
 def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:

@@ -83,16 +83,16 @@ def _closing(current_bar):
             bar.close()
 
 
-def evaluate(eval_step, state, dcfg, batch_size: int, bsharding) -> dict:
+def evaluate(eval_step, state, data_cfg, batch_size: int, batch_sharding) -> dict:
     """Accuracy and mean loss over the whole held-out set (each process reads its share)."""
-    totals = jax.device_put(jnp.zeros(3, jnp.float32), sharding.replicated(bsharding.mesh))
+    totals = jax.device_put(jnp.zeros(3, jnp.float32), sharding.replicated(batch_sharding.mesh))
     for local in data_lib.eval_batches(
-        dcfg,
+        data_cfg,
         batch_size=batch_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     ):
-        batch = sharding.global_batch(local, bsharding)
+        batch = sharding.global_batch(local, batch_sharding)
         totals = eval_step(state["params"], state["rest"], batch, totals)
     correct, loss, count = np.asarray(jax.device_get(totals), np.float64)
     return {"test_accuracy": correct / count, "test_loss": loss / count}
@@ -104,18 +104,20 @@ class Loop:
     Args:
       cfg: the run's TrainConfig.
       run_dir: where rows are logged (`RunDir`).
-      ckpts: the run's `Checkpoints`.
+      checkpoints: the run's `Checkpoints`.
       steps_per_epoch, total: schedule length.
+      evaluate: `evaluate(state) -> {"test_accuracy", "test_loss"}` over the held-out set.
     """
 
-    def __init__(self, cfg, run_dir, ckpts, steps_per_epoch: int, total: int):
-        self.cfg, self.run_dir, self.ckpts = cfg, run_dir, ckpts
-        self.spe, self.total = steps_per_epoch, total
+    def __init__(self, cfg, run_dir, checkpoints, steps_per_epoch: int, total: int, evaluate):
+        self.cfg, self.run_dir, self.checkpoints = cfg, run_dir, checkpoints
+        self.steps_per_epoch, self.total = steps_per_epoch, total
+        self.evaluate = evaluate
         self.main = jax.process_index() == 0
         # Default: every epoch, or every 100 steps when epochs are longer (an ImageNet epoch
         # should not hide a NaN, nor pile up thousands of device scalars, for an hour).
         self.log_every = cfg.log_every or min(steps_per_epoch, 100)
-        self.last_saved: int | None = ckpts.latest_step()
+        self.last_saved: int | None = checkpoints.latest_step()
         self.last_saved_time = time.monotonic()
         self.last_accuracy: float | None = None
 
@@ -126,7 +128,8 @@ class Loop:
         for i, m in enumerate(fetched):
             if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                 kept = (
-                    f"the last good checkpoint is step {self.last_saved} in {self.ckpts.directory}"
+                    f"the last good checkpoint is step {self.last_saved} in "
+                    f"{self.checkpoints.directory}"
                     if self.last_saved is not None
                     else "no checkpoint was saved before it"
                 )
@@ -149,20 +152,20 @@ class Loop:
         return due
 
     def _progress(self, step: int) -> tqdm:
-        epochs = math.ceil(self.total / self.spe)
+        epochs = math.ceil(self.total / self.steps_per_epoch)
         return tqdm(
-            total=min(self.spe, self.total - step + step % self.spe),
-            initial=step % self.spe,
-            desc=f"epoch {step // self.spe + 1}/{epochs}",
+            total=min(self.steps_per_epoch, self.total - step + step % self.steps_per_epoch),
+            initial=step % self.steps_per_epoch,
+            desc=f"epoch {step // self.steps_per_epoch + 1}/{epochs}",
             unit="step",
             leave=False,
             disable=not self.main,
             file=sys.stderr,
         )
 
-    def run(self, state, train_step, eval_step, train_iter, dcfg, bsharding) -> dict:
+    def run(self, state, train_step, train_iter, batch_sharding) -> dict:
         """Trains until `total` (or `--stop-at-step`, or a signal); returns the final state."""
-        cfg, spe = self.cfg, self.spe
+        cfg, steps_per_epoch = self.cfg, self.steps_per_epoch
         step = int(jax.device_get(state["step"]))
         end = self.total if cfg.stop_at_step is None else min(self.total, cfg.stop_at_step)
         pending: list[dict] = []  # device-side metrics of the steps since the last fetch
@@ -172,7 +175,7 @@ class Loop:
         with _StopFlag() as stop, _closing(lambda: bar):
             while step < end:
                 bar = bar or self._progress(step)
-                batch = sharding.global_batch(next(train_iter), bsharding)
+                batch = sharding.global_batch(next(train_iter), batch_sharding)
                 with jax.transfer_guard("disallow"):
                     state, metrics = train_step(state, batch)
                 pending.append(metrics)
@@ -181,7 +184,7 @@ class Loop:
                 step += 1
                 bar.update(1)
                 stopping = stop.should_stop(step)
-                epoch_end = step % spe == 0 or step == self.total
+                epoch_end = step % steps_per_epoch == 0 or step == self.total
                 every = cfg.checkpoint_every
                 save = stopping or step == end
                 if not save:
@@ -191,33 +194,34 @@ class Loop:
                     continue
                 train = self._check_finite(first, pending)
                 pending, first = [], step
-                row = {"step": step, "epoch": step / spe, "lr": train.pop("lr")}
+                row = {"step": step, "epoch": step / steps_per_epoch, "lr": train.pop("lr")}
                 row.update({f"train_{k}": v for k, v in train.items()})
-                ckpt_metrics = None
+                saved_metrics = None
                 if epoch_end:
                     bar.close()
                     bar = None
-                    result = evaluate(eval_step, state, dcfg, cfg.batch_size, bsharding)
+                    result = self.evaluate(state)
                     row.update(result)
                     self.last_accuracy = result["test_accuracy"]
-                    ckpt_metrics = {"test_accuracy": result["test_accuracy"]}
+                    saved_metrics = {"test_accuracy": result["test_accuracy"]}
                     self._print_epoch(step, train, result, time.perf_counter() - t_epoch)
                     t_epoch = time.perf_counter()
                 self.run_dir.log(row)
                 if save:
-                    self.ckpts.save(step, state, train_iter, metrics=ckpt_metrics)
+                    self.checkpoints.save(step, state, train_iter, metrics=saved_metrics)
                     self.last_saved, self.last_saved_time = step, time.monotonic()
                 if stopping:
                     break
-            self.ckpts.wait()
+            self.checkpoints.wait()
         self._print_end(step, stop.signal_name)
         return state
 
     def _print_epoch(self, step: int, train: dict, result: dict, seconds: float) -> None:
         if self.main:
-            epochs = math.ceil(self.total / self.spe)
+            epochs = math.ceil(self.total / self.steps_per_epoch)
+            epoch = math.ceil(step / self.steps_per_epoch)
             print(
-                f"epoch {math.ceil(step / self.spe)}/{epochs}  train loss {train['loss']:.4f}  "
+                f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  "
                 f"test loss {result['test_loss']:.4f}  test acc {result['test_accuracy']:.4f}  "
                 f"({seconds:.1f} s)",
                 flush=True,
@@ -229,7 +233,8 @@ class Loop:
         if signal_name:
             print(
                 f"received {signal_name}: saved a checkpoint at step {step} in "
-                f"{self.ckpts.directory}; continue with --resume --run-name {self.run_dir.name}",
+                f"{self.checkpoints.directory}; continue with --resume --run-name "
+                f"{self.run_dir.name}",
                 file=sys.stderr,
             )
         elif step < self.total:

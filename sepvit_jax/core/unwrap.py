@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.errors import CheckpointError
+from sepvit_jax.core.errors import CheckpointError
 
 # Entries that hold the model weights in common training scripts (timm, Lightning, DDP
 # wrappers, hand-written loops), searched recursively: `{"model": {"state_dict": ...}}` works.

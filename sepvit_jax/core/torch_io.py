@@ -3,9 +3,9 @@
 `read_state_dict` accepts what users actually hold: a `torch.save`d state_dict (zip or legacy
 pickle, any suffix) or a `.safetensors` file, raw or wrapped the way training code wraps it
 (`{"model": ...}`, `{"state_dict": ...}`, EMA copies, PyTorch Lightning checkpoints, DDP's
-`module.` and torch.compile's `_orig_mod.` prefixes: see `convert.unwrap`). Pickles are opened
-weights-only, so a file that would run code is refused unless the caller explicitly opts into
-`unsafe_pickle` (see `convert.pickles`).
+`module.` and torch.compile's `_orig_mod.` prefixes: see `sepvit_jax.core.unwrap`). Pickles are
+opened weights-only, so a file that would run code is refused unless the caller explicitly opts
+into `unsafe_pickle` (see `sepvit_jax.core.pickles`).
 
 Dtypes: float16/float32/float64 (and integer) tensors keep their dtype. bfloat16 has no numpy
 dtype torch converts to, so it becomes float32; that is exact (bfloat16 is float32 with the low 16
@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from convert import pickles
-from convert.errors import CheckpointError
-from convert.unwrap import SEPVIT_MARKERS, unwrap_state_dict
+from sepvit_jax.core import pickles
+from sepvit_jax.core.errors import CheckpointError
+from sepvit_jax.core.unwrap import SEPVIT_MARKERS, unwrap_state_dict
 
 __all__ = [
     "SEPVIT_MARKERS",

@@ -1,8 +1,8 @@
-"""Loading a `sepvit_torch.SepViT` (NCHW) from any SepViT checkpoint this project reads.
+"""The bridge from any SepViT checkpoint to the PyTorch model: `sepvit_torch.load`.
 
-A PyTorch checkpoint (torch pickle or safetensors, raw or wrapped, see `convert.io`) or a
-sepvit_jax checkpoint directory (`sepvit_jax.save` / `convert torch2flax`). The config comes from
-the weights (and, for a directory, its config.json); see `convert.pipeline.resolve_config`.
+It sits above both models: a torch file needs only the ground floor and `sepvit_torch`; a
+sepvit_jax directory is read through `sepvit_jax.checkpoint` (JAX and Orbax, imported only for
+that case, so that torch-only users never import JAX).
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sepvit_jax.core.errors import CheckpointError
+from sepvit_jax.core.infer import resolve_config
+from sepvit_jax.core.torch_io import read_state_dict
 from sepvit_torch.model import SepViT
 
 
-def load(
+def load_torch_model(
     path: str | os.PathLike,
     *,
     key: str | None = None,
@@ -35,9 +38,6 @@ def load(
 
     The model is returned in training mode, as torch modules are built; call `.eval()`.
     """
-    from convert.io import CheckpointError, read_state_dict
-    from convert.pipeline import check_state_dict, flax_dir_state_dict, resolve_config
-
     p = Path(path)
     if p.is_dir():
         if overrides or key:
@@ -45,11 +45,15 @@ def load(
                 f"{p} is a sepvit_jax checkpoint directory; its config.json fixes the config "
                 "(no key or overrides)"
             )
-        config, state_dict, _ = flax_dir_state_dict(p)
+        from sepvit_jax.checkpoint import directory_state_dict  # JAX and Orbax: heavy
+
+        config, state_dict, _ = directory_state_dict(p)
     else:
         state_dict = read_state_dict(p, key=key, unsafe_pickle=unsafe_pickle)
-        config = resolve_config(state_dict, flags=overrides, flags_origin="argument").config
-        check_state_dict(config, state_dict)
+        resolved = resolve_config(
+            state_dict, flags=overrides, flags_origin="argument", source=str(p)
+        )
+        config = resolved.config
     model = SepViT.from_config(config)
     model.load_state_dict(
         {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in state_dict.items()},

@@ -1,7 +1,8 @@
 """SepViTConfig: the SepViT keyword arguments as one frozen dataclass, shared by all packages.
 
-This module imports nothing but the standard library, so `sepvit_torch` and the converter use it
-without pulling in JAX. Its fields are exactly the keyword arguments of vit-pytorch's `SepViT`:
+Part of the ground floor (`sepvit_jax.core`): it imports nothing but the standard library, so
+`sepvit_torch` and the converter use it without pulling in JAX. Its fields are exactly the
+keyword arguments of vit-pytorch's `SepViT`:
 
     SepViT(num_classes, dim, depth, heads, window_size=7, dim_head=32, ff_mult=4, channels=3,
            dropout=0.)
@@ -136,6 +137,22 @@ class SepViTConfig:
                     f"divisible by its window size {ws}"
                 )
 
+    def tiles(self, height: int, width: int) -> bool:
+        """True when every stage's feature map of a `height` x `width` input tiles into windows."""
+        return all(
+            h % ws == 0 and w % ws == 0
+            for (h, w), ws in zip(
+                self.feature_map_sizes(height, width), self.stage_window_sizes, strict=True
+            )
+        )
+
+    def smallest_image_size(self, limit: int = 8192) -> int:
+        """The smallest square input side that tiles into whole windows in every stage."""
+        side = next((s for s in range(1, limit) if self.tiles(s, s)), None)
+        if side is None:
+            raise ValueError(f"no input size up to {limit} tiles the windows {self.window_size}")
+        return side
+
     def num_windows(self, height: int, width: int) -> tuple[int, ...]:
         """Number of attention windows per stage for an input image of `height` x `width`."""
         return tuple(
@@ -192,6 +209,11 @@ class SepViTConfig:
 
 def _per_stage(value: int | tuple[int, ...], num_stages: int) -> tuple[int, ...]:
     return value if isinstance(value, tuple) else (value,) * num_stages
+
+
+def format_value(value: Any) -> str:
+    """A config value as flags write it: `7`, `7,7,14,7`."""
+    return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
 
 
 # ---- named variants ------------------------------------------------------------------------

@@ -15,12 +15,15 @@ scalars, arrays and dtypes (metrics, statistics). Building them runs no code fro
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import pickletools
 import warnings
 import zipfile
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 ZIP_MAGIC = b"PK\x03\x04"
 # Opcodes that instantiate or call something named by the pickle beyond GLOBAL/STACK_GLOBAL.
@@ -49,10 +52,6 @@ class UnsafePickle(Exception):
 
 
 def _extra_safe_globals() -> list:
-    import argparse
-
-    import numpy as np
-
     core = np._core if hasattr(np, "_core") else np.core
     multiarray = core.multiarray
     extra: list = [argparse.Namespace, np.dtype, np.ndarray]

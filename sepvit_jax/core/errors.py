@@ -1,4 +1,4 @@
-"""The converter's one error type for problems a user can cause (exit status 2 in the CLI)."""
+"""The one error type for checkpoint problems a user can cause (exit status 2 in the CLIs)."""
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,77 @@
+"""runs/NAME/: the run directory and the files process 0 writes there.
+
+runs/NAME/config.json     the TrainConfig (reusable with --config), plus what it resolved to
+runs/NAME/metrics.jsonl   one JSON row per log point (train loss/accuracy, test metrics, lr)
+runs/NAME/curves.png      loss and accuracy curves
+runs/NAME/checkpoints/    Orbax: train state + data iterator position (`checkpoints.py`)
+runs/NAME/model/          the final model, `sepvit_jax.load`-able (`weights.py`)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from sepvit_jax.core.config import SepViTConfig
+from sepvit_jax.train import plotting
+from sepvit_jax.train.config import ConfigError, TrainConfig
+from sepvit_jax.train.hosts import is_main, same_on_every_process
+
+
+class RunDir:
+    """runs/NAME/: config.json, metrics.jsonl, curves.png, model/ (process 0), checkpoints/."""
+
+    def __init__(self, cfg: TrainConfig):
+        default = f"{cfg.data}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        self.name = same_on_every_process(cfg.run_name or default)
+        self.path = Path(cfg.runs_dir) / self.name
+        self.checkpoints = self.path / "checkpoints"
+        self.model = self.path / "model"
+        self.main = is_main()
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(
+            p.name.isdigit() for p in self.checkpoints.iterdir()
+        )
+
+    def saved_model(self) -> SepViTConfig:
+        """The model a run was started with (its config.json), for --resume / --eval-only."""
+        try:
+            saved = json.loads((self.path / "config.json").read_text())
+            return SepViTConfig.from_dict(saved["resolved"]["model"])
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"cannot read the model of run {self.path}: {err}") from None
+
+    def start(self, cfg: TrainConfig, resolved: dict) -> None:
+        """A new run: refuse to mix with an old one's checkpoints, write config.json."""
+        if self.has_checkpoints():  # every process checks, so all stop together
+            raise ConfigError(
+                f"run directory {self.path} already has checkpoints; pass --resume to continue "
+                "it or choose another --run-name"
+            )
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            config = {**json.loads(cfg.to_json()), "resolved": resolved}
+            (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (self.path / "metrics.jsonl").write_text("")
+
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: forget the rows logged after the restored checkpoint."""
+        metrics = self.path / "metrics.jsonl"
+        if self.main and metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, row: dict) -> None:
+        if self.main:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self) -> None:
+        metrics = self.path / "metrics.jsonl"
+        if self.main and metrics.is_file():
+            rows = plotting.read_metrics(metrics)
+            if rows:
+                plotting.plot_curves(rows, self.path / "curves.png", title=self.name)
