@@ -5,7 +5,8 @@ writes it, `sepvit_jax.load`/`save` and `sepvit_torch.load` read it.
 
     DIR/config.json   the SepViTConfig (vit-pytorch's keyword arguments), JSON
     DIR/sepvit.json   format name and version, param dtype, compute dtype hint, parameter count,
-                      and where the weights came from
+                      where the weights came from, the preprocessing record
+                      (`sepvit_jax.core.preprocessing`) and the class names when known
     DIR/params/       an Orbax checkpoint of `nnx.state(model, nnx.Param)` as a pure dict
                       (NHWC layouts: conv kernels (kh, kw, in, out), dense kernels (in, out);
                       written and read by `sepvit_jax.checkpoint`)
@@ -28,6 +29,7 @@ from typing import Any
 
 from sepvit_jax.core.config import SepViTConfig
 from sepvit_jax.core.errors import CheckpointError
+from sepvit_jax.core.preprocessing import Preprocessing, imagenet
 
 FORMAT = "sepvit_jax"
 FORMAT_VERSION = 1
@@ -90,8 +92,14 @@ def write_metadata(
     param_dtype: str,
     dtype: str | None = None,
     source: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
+    class_names: list[str] | None = None,
 ) -> None:
-    """Write config.json and sepvit.json into `directory` (a temporary one, being filled)."""
+    """Write config.json and sepvit.json into `directory` (a temporary one, being filled).
+
+    Without `preprocessing`, ImageNet's defaults at the model's default size are recorded with
+    origin "default".
+    """
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -99,6 +107,8 @@ def write_metadata(
         "dtype": dtype or param_dtype,
         "num_params": num_params,
         "source": dict(source or {}),
+        "preprocessing": (preprocessing or imagenet(config)).to_dict(config),
+        "class_names": list(class_names) if class_names is not None else None,
     }
     (directory / CONFIG_FILE).write_text(config.to_json() + "\n")
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -127,3 +137,15 @@ def read_metadata(directory: str | os.PathLike) -> tuple[SepViTConfig, dict[str,
             f"up to {FORMAT_VERSION}: upgrade sepvit_jax"
         )
     return config, meta
+
+
+def read_preprocessing(directory: str | os.PathLike) -> Preprocessing:
+    """The preprocessing record of a checkpoint directory (older ones: the defaults)."""
+    config, meta = read_metadata(directory)
+    record = meta.get("preprocessing")
+    if record is None:
+        return imagenet(config)
+    try:
+        return Preprocessing.from_dict(record)
+    except ValueError as err:
+        raise CheckpointError(f"broken sepvit_jax checkpoint {directory}: {err}") from None
