@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sepvit_jax.core import table
 from sepvit_jax.core.errors import CheckpointError
 from sepvit_jax.core.infer import resolve_config
+from sepvit_jax.core.layouts import CURRENT
 from sepvit_jax.core.torch_io import read_state_dict
 from sepvit_torch.model import SepViT
 
@@ -29,8 +31,9 @@ def load_torch_model(
     """A float32 `sepvit_torch.SepViT` holding the weights of `path` (loaded with strict=True).
 
     Args:
-      path: a torch/safetensors checkpoint file, or a sepvit_jax checkpoint directory; any
-        stored precision becomes float32 (exactly, for float16 and bfloat16).
+      path: a torch/safetensors checkpoint file (any layout vit-pytorch has written), or a
+        sepvit_jax checkpoint directory; any stored precision becomes float32 (exactly, for
+        float16 and bfloat16).
       key: for wrapped torch checkpoints with several state_dicts (e.g. "model_ema").
       unsafe_pickle: allow pickles that run code (trusted files only).
       **overrides: config fields for a torch checkpoint: `window_size` (default 7, upstream's)
@@ -54,6 +57,9 @@ def load_torch_model(
             state_dict, flags=overrides, flags_origin="argument", source=str(p)
         )
         config = resolved.config
+        if resolved.layout is not CURRENT:  # an older vit-pytorch layout: today's names
+            params = table.to_flax(config, state_dict, rows=resolved.layout.table(config))
+            state_dict = table.to_torch(config, params)
     model = SepViT.from_config(config)
     model.load_state_dict(
         {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in state_dict.items()},

@@ -1,8 +1,10 @@
 """`convert`: PyTorch SepViT checkpoints <-> sepvit_jax checkpoint directories, and inspection.
 
     convert torch2flax CKPT [-o OUT_DIR] [--window-size 7 | 7,7,14,7] [--config config.json]
-                       [--dtype float32|bfloat16|float16] [--key NAME] [--verify] [--overwrite]
-    convert flax2torch DIR [-o model.pt] [--safetensors] [--overwrite]
+                       [--dtype float32|bfloat16|float16] [--key NAME] [--image-size N]
+                       [--verify] [--overwrite]
+    convert flax2torch DIR [-o model.pt] [--safetensors] [--layout current|prenorm|grouped]
+                       [--overwrite]
     convert inspect CKPT_OR_DIR [--json] [--image-size 224 | 224,320] [--window-size ...]
 
 Every command also takes --debug (show tracebacks) and, where it reads torch pickles,
@@ -26,8 +28,8 @@ import signal
 import sys
 import warnings
 
-DEFAULT_IMAGE_SIZE = 224
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # sepvit_jax.core.infer.PARAM_DTYPES
+LAYOUT_CHOICES = ("current", "prenorm", "grouped")  # sepvit_jax.core.layouts.LAYOUTS
 
 
 def _ints(text: str) -> int | tuple[int, ...]:
@@ -70,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     t2f.add_argument("-o", "--output", help="output directory (default: CKPT stem + _flax)")
     t2f.add_argument("--config", help="config.json with SepViT fields (and dtype)")
     t2f.add_argument("--dtype", choices=DTYPE_CHOICES, help="parameter dtype (default float32)")
+    t2f.add_argument(
+        "--image-size",
+        type=_positive_int,
+        help="the input side the model expects, recorded with it and used by --verify "
+        "(default 224, or the nearest side its windows tile)",
+    )
     t2f.add_argument("--verify", action="store_true", help="compare torch and Flax logits")
     t2f.add_argument("--overwrite", action="store_true", help="replace an existing output")
     t2f.set_defaults(command="convert.torch2flax")
@@ -78,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     f2t.add_argument("directory", help="a sepvit_jax checkpoint directory")
     f2t.add_argument("-o", "--output", help="output file (default: DIR.pt)")
     f2t.add_argument("--safetensors", action="store_true", help="write safetensors")
+    f2t.add_argument(
+        "--layout",
+        choices=LAYOUT_CHOICES,
+        default="current",
+        help="current: vit-pytorch >= 1.4.3 and sepvit_torch; prenorm: vit-pytorch 0.32.2 to "
+        "1.4.2; grouped: 0.32.1 (only while the window-token projection is block-diagonal)",
+    )
     f2t.add_argument("--overwrite", action="store_true", help="replace an existing output")
     f2t.set_defaults(command="convert.flax2torch")
 
@@ -86,9 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("path", help="a torch checkpoint file or a sepvit_jax directory")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ins.add_argument("--image-size", type=_size, default=(DEFAULT_IMAGE_SIZE,) * 2, help="H or H,W")
+    ins.add_argument(
+        "--image-size",
+        type=_size,
+        help="H or H,W for the stage table (default: the model's recorded size, or 224)",
+    )
     ins.set_defaults(command="convert.inspect_checkpoint")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = _ints(text)
+    if not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"expected one positive int: {text!r}")
+    return value
 
 
 def _size(text: str) -> tuple[int, int]:

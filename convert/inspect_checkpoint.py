@@ -10,8 +10,9 @@ from pathlib import Path
 from convert.console import Step
 from sepvit_jax.core import table
 from sepvit_jax.core.config import SepViTConfig, format_value
-from sepvit_jax.core.format import read_metadata
+from sepvit_jax.core.format import read_metadata, read_preprocessing
 from sepvit_jax.core.infer import resolve_config
+from sepvit_jax.core.preprocessing import imagenet
 from sepvit_jax.core.torch_io import read_state_dict_and_dtypes
 
 
@@ -19,8 +20,9 @@ def run(args) -> int:
     path = Path(args.path)
     info = _describe_directory(path, args) if path.is_dir() else _describe_file(path, args)
     config = SepViTConfig.from_dict(info["config"])
-    info["image_size"] = list(args.image_size)
-    info["stages"] = _stages(config, *args.image_size)
+    size = args.image_size or tuple(info["preprocessing"]["image_size"])
+    info["image_size"] = list(size)
+    info["stages"] = _stages(config, *size)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -42,6 +44,8 @@ def _describe_directory(path: Path, args) -> dict:
         "num_params": meta.get("num_params"),
         "dtypes": {meta.get("param_dtype", "float32"): len(table.weight_table(config))},
         "source": meta.get("source", {}),
+        "preprocessing": read_preprocessing(path).to_dict(config),
+        "class_names": meta.get("class_names"),
     }
 
 
@@ -58,6 +62,9 @@ def _describe_file(path: Path, args) -> dict:
         "sources": {k: v for k, v in resolved.sources.items() if k != "dtype"},
         "num_params": int(sum(v.size for v in state_dict.values())),
         "dtypes": dict(Counter(stored.values())),
+        "layout": {"name": resolved.layout.name, "vit_pytorch": resolved.layout.versions},
+        # A torch checkpoint does not say: what converting it records by default.
+        "preprocessing": imagenet(resolved.config).to_dict(resolved.config),
     }
 
 
@@ -98,3 +105,17 @@ def _print(info: dict) -> None:
         )
     print(f"parameters: {info['num_params']:,}")
     print("dtypes: " + ", ".join(f"{k} ({v} tensors)" for k, v in info["dtypes"].items()))
+    layout = info.get("layout") or info.get("source", {}).get("layout")
+    if layout:
+        converted = "" if info["format"] == "torch" else "converted from "
+        print(f"layout: {converted}vit-pytorch {layout['vit_pytorch']} '{layout['name']}' layout")
+    p = info["preprocessing"]
+    h, w = p["image_size"]
+    print(
+        f"preprocessing ({p['origin']}): {h}x{w}, mean {format_value(p['mean'])}, std "
+        f"{format_value(p['std'])}, {p['interpolation']}, crop {p['crop_fraction']}"
+    )
+    if info.get("class_names"):
+        names = info["class_names"]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)})" if len(names) > 8 else "")
+        print(f"classes: {shown}")

@@ -26,7 +26,7 @@ VERIFY_RTOL = 2e-5
 class Verification:
     max_abs: float
     max_rel: float
-    image_size: int
+    image_size: tuple[int, int]
     batch: int
 
     @property
@@ -41,19 +41,27 @@ def round_through(state_dict: Mapping[str, np.ndarray], dtype: str) -> dict[str,
 
 
 def verify(
-    config: SepViTConfig, state_dict: Mapping[str, np.ndarray], flax_model: SepViT, *, seed=0
+    config: SepViTConfig,
+    state_dict: Mapping[str, np.ndarray],
+    flax_model: SepViT,
+    *,
+    image_size: tuple[int, int] | None = None,
+    seed=0,
 ) -> Verification:
     """Run the torch reference on `state_dict` and `flax_model` on one random batch.
 
-    Give the state_dict rounded through the checkpoint's dtype (`round_through`) and a float32
-    `flax_model`: this checks the layout transforms and the files, not the precision.
+    Give the state_dict (today's layout) rounded through the checkpoint's dtype
+    (`round_through`) and a float32 `flax_model`: this checks the layout transforms and the
+    files, not the precision. `image_size`: (H, W), default the smallest that tiles.
     """
     torch_model = TorchSepViT.from_config(config).eval()
     weights = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state_dict.items()}
     torch_model.load_state_dict(weights, strict=True)
-    side, batch = config.smallest_image_size(), 2
+    side = config.smallest_image_size()
+    height, width = image_size or (side, side)
+    batch = 2
     x = np.random.default_rng(seed).standard_normal(
-        (batch, config.channels, side, side), np.float32
+        (batch, config.channels, height, width), np.float32
     )
     with torch.no_grad():
         reference = torch_model(torch.from_numpy(x)).numpy().astype(np.float64)
@@ -65,4 +73,4 @@ def verify(
     diff = float(np.abs(got - reference).max())
     scale = float(np.abs(reference).max())
     rel = diff / scale if scale else (0.0 if diff == 0 else float("inf"))
-    return Verification(diff, rel, side, batch)
+    return Verification(diff, rel, (height, width), batch)

@@ -27,6 +27,8 @@ from sepvit_jax.core.config import SepViTConfig
 from sepvit_jax.core.errors import CheckpointError
 from sepvit_jax.core.format import PARAMS_DIR, atomic_directory, read_metadata, write_metadata
 from sepvit_jax.core.infer import resolve_config
+from sepvit_jax.core.layouts import CURRENT, Layout
+from sepvit_jax.core.preprocessing import Preprocessing
 from sepvit_jax.core.torch_io import read_state_dict, to_numpy, unwrap_state_dict
 from sepvit_jax.model import SepViT
 
@@ -118,7 +120,8 @@ def from_torch(
 
     Args:
       path_or_state_dict: a torch pickle / safetensors path, or an in-memory (possibly wrapped
-        or prefixed) state_dict of torch tensors or numpy arrays.
+        or prefixed) state_dict of torch tensors or numpy arrays, in any layout vit-pytorch
+        has written (`sepvit_jax.core.layouts`).
       key: the wrapper entry holding the weights (e.g. "model_ema") when there are several.
       unsafe_pickle: allow pickles that run code (trusted files only).
       dtype, param_dtype: compute and parameter dtypes (default float32).
@@ -132,10 +135,9 @@ def from_torch(
         source = "state_dict"
         raw = unwrap_state_dict(path_or_state_dict, key=key, source=source)
         state_dict = {name: to_numpy(value, name) for name, value in raw.items()}
-    config = resolve_config(
-        state_dict, flags=overrides, flags_origin="argument", source=source
-    ).config
-    params = table.to_flax(config, state_dict)
+    resolved = resolve_config(state_dict, flags=overrides, flags_origin="argument", source=source)
+    config = resolved.config
+    params = table.to_flax(config, state_dict, rows=resolved.layout.table(config))
     return model_from_params(config, params, dtype=dtype, param_dtype=param_dtype, seed=seed)
 
 
@@ -150,19 +152,30 @@ def write_checkpoint(
     param_dtype: str = "float32",
     dtype: str | None = None,
     source: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
+    class_names: list[str] | None = None,
     overwrite: bool = False,
     before_commit=None,
 ) -> Path:
     """Write a checkpoint directory from a parameter tree (numpy or JAX arrays, NNX paths).
 
-    `before_commit(tmp_dir)` runs on the complete temporary directory before it is renamed
-    into place (the converter verifies there); if it raises, nothing is left behind.
+    `preprocessing` and `class_names` describe the model's input and output (see
+    `sepvit_jax.core.format.write_metadata`). `before_commit(tmp_dir)` runs on the complete
+    temporary directory before it is renamed into place (the converter verifies there); if it
+    raises, nothing is left behind.
     """
     num_params = sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(params))
     final = Path(directory).absolute()
     with atomic_directory(final, overwrite=overwrite) as tmp:
         write_metadata(
-            tmp, config, num_params=num_params, param_dtype=param_dtype, dtype=dtype, source=source
+            tmp,
+            config,
+            num_params=num_params,
+            param_dtype=param_dtype,
+            dtype=dtype,
+            source=source,
+            preprocessing=preprocessing,
+            class_names=class_names,
         )
         _orbax_save(tmp / PARAMS_DIR, params)
         if before_commit is not None:
@@ -308,12 +321,14 @@ def load(directory: str | os.PathLike, *, dtype=None, param_dtype=None, seed: in
     return model_from_params(config, params, dtype=dtype, param_dtype=param_dtype, seed=seed)
 
 
-def directory_state_dict(directory: str | os.PathLike) -> tuple[SepViTConfig, dict, dict]:
-    """(config, torch-named state_dict, sepvit.json contents) of a checkpoint directory.
+def directory_state_dict(
+    directory: str | os.PathLike, layout: Layout = CURRENT
+) -> tuple[SepViTConfig, dict, dict]:
+    """(config, torch-named state_dict in `layout`, sepvit.json contents) of a directory.
 
     No model is built: the stored tree goes through the weight table. Arrays keep the stored
     dtype (bfloat16 as `ml_dtypes.bfloat16`, which `sepvit_jax.core.torch_io` writes as torch
     bfloat16).
     """
     config, meta, params = restore_params(directory)
-    return config, table.to_torch(config, params), meta
+    return config, table.to_torch(config, params, rows=layout.table(config)), meta

@@ -259,7 +259,7 @@ def test_verify_fixture_in_process(fixture_dirs, case):
 
 def test_verify_mismatch_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
     def mismatch(cfg, state_dict, flax_model, **kwargs):
-        return verify.Verification(max_abs=0.5, max_rel=0.1, image_size=53, batch=2)
+        return verify.Verification(max_abs=0.5, max_rel=0.1, image_size=(53, 53), batch=2)
 
     import convert.torch2flax
 

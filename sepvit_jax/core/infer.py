@@ -21,6 +21,7 @@ from typing import Any
 
 from sepvit_jax.core.config import SepViTConfig, format_value
 from sepvit_jax.core.errors import CheckpointError
+from sepvit_jax.core.layouts import CURRENT, Layout, detect
 from sepvit_jax.core.table import check_state_dict
 
 # Upstream vit-pytorch hard-codes window size 7 in every block (it never forwards the argument).
@@ -95,8 +96,9 @@ def infer_config(
     *,
     window_size: int | Sequence[int] | None = None,
     dropout: float = 0.0,
+    layout: Layout = CURRENT,
 ) -> SepViTConfig:
-    """Read the SepViT hyper-parameters off a (current-layout) state_dict's shapes.
+    """Read the SepViT hyper-parameters off a state_dict's shapes (keys named as in `layout`).
 
     Only the tensors that tell a hyper-parameter are read; `table.check_state_dict` checks the
     rest. `window_size` (None: upstream's 7) and `dropout` are not in the weights.
@@ -112,11 +114,11 @@ def infer_config(
         depth.append(_count(state_dict, blocks, f"layers.{i} blocks"))
         if depth[-1] == 0:
             raise CheckpointError(f"SepViT state_dict has no blocks 'layers.{i}.2.layers.*'")
-    dim_head_key = "layers.0.2.layers.0.0.window_tokens_to_qk.0.weight"
+    dim_head_key = layout.key("layers.0.2.layers.0.0.window_tokens_to_qk.0.weight")
     (dim_head,) = _shape(state_dict, dim_head_key, 1)
     heads, ff_inner, ff_keys = [], [], []
     for i in range(num_stages):
-        qkv_key = f"layers.{i}.2.layers.0.0.to_qkv.weight"
+        qkv_key = layout.key(f"layers.{i}.2.layers.0.0.to_qkv.weight")
         rows = _shape(state_dict, qkv_key, 3)[0]
         if rows == 0 or rows % (3 * dim_head):
             raise CheckpointError(
@@ -124,7 +126,7 @@ def infer_config(
                 f"3 * dim_head = {3 * dim_head} ({dim_head_key!r} gives dim_head {dim_head})"
             )
         heads.append(rows // (3 * dim_head))
-        ff_keys.append(f"layers.{i}.2.layers.0.1.net.1.weight")
+        ff_keys.append(layout.key(f"layers.{i}.2.layers.0.1.net.1.weight"))
         ff_inner.append(_shape(state_dict, ff_keys[-1], 4)[0])
     num_classes = _shape(state_dict, "mlp_head.2.weight", 2)[0]
     dims = [dim * 2**i for i in range(num_stages)]
@@ -162,11 +164,13 @@ def _collapse(values: int | Sequence[int]) -> int | tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:
-    """The config a conversion uses, its parameter dtype, and where every value came from."""
+    """The config a conversion uses, its parameter dtype, where every value came from, and the
+    layout the state_dict is in."""
 
     config: SepViTConfig
     dtype: str
     sources: dict[str, str]  # field -> "weights" | "flag" | "argument" | "config" | "default"
+    layout: Layout = CURRENT
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -241,7 +245,11 @@ def resolve_config(
     dtype, dtype_src = _pick("dtype", flags, config, "float32", flags_origin)
     if dtype not in PARAM_DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(PARAM_DTYPES)}, got {dtype!r}")
-    cfg = infer_config(state_dict, window_size=window, dropout=dropout)
+    layout = detect(state_dict)
+    try:
+        cfg = infer_config(state_dict, window_size=window, dropout=dropout, layout=layout)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source} ({layout.label}): {err}") from None
     sources = dict.fromkeys(CONFIG_FIELDS, "weights")
     sources.update(window_size=window_src, dropout=dropout_src, dtype=dtype_src)
 
@@ -264,5 +272,11 @@ def resolve_config(
         raise CheckpointError("; ".join(contradictions))
     if adopt:
         cfg = cfg.replace(**adopt)
-    check_state_dict(cfg, state_dict, source)
-    return Resolved(cfg, dtype, sources)
+    check_state_dict(
+        cfg,
+        state_dict,
+        f"{source} ({layout.label})",
+        rows=layout.table(cfg),
+        optional=layout.optional(cfg),
+    )
+    return Resolved(cfg, dtype, sources, layout)

@@ -50,7 +50,9 @@ class Preprocessing:
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std!r}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
         if not 0 < self.crop_fraction <= 1:
             raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction!r}")
         if self.origin not in ORIGINS:

@@ -21,7 +21,7 @@ one mapping, between a torch-named state_dict and the NNX parameter tree as a pu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,20 @@ Shape = tuple[int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """How one tensor changes between the layouts; the two functions are exact inverses."""
+    """How one tensor changes between the layouts; the two functions are exact inverses.
+
+    `shape`, when given, maps a torch shape to the Flax shape (otherwise the transform is
+    applied to a zero-strided dummy of the torch shape, which costs no memory).
+    """
 
     name: str
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
+    shape: Callable[[Shape], Shape] | None = None
 
     def flax_shape(self, torch_shape: Shape) -> Shape:
-        # A zero-strided view: no memory, whatever the shape.
+        if self.shape is not None:
+            return self.shape(torch_shape)
         return tuple(self.to_flax(np.broadcast_to(np.int8(0), torch_shape)).shape)
 
 
@@ -171,22 +177,46 @@ def flax_name(path: FlaxPath) -> str:
     return "/".join(map(str, path))
 
 
-def check_state_dict(config: SepViTConfig, state_dict: Mapping[str, Any], what: str) -> None:
-    """`check_shapes` of a torch-named state_dict against a SepViT of `config`."""
-    check_shapes(torch_shapes(config), {k: tuple(v.shape) for k, v in state_dict.items()}, what)
+def check_state_dict(
+    config: SepViTConfig,
+    state_dict: Mapping[str, Any],
+    what: str,
+    *,
+    rows: Sequence[Row] | None = None,
+    optional: Mapping[str, Shape] | None = None,
+) -> None:
+    """`check_shapes` of a torch-named state_dict against a SepViT of `config`.
+
+    `rows` (default: `weight_table(config)`) name the tensors, e.g. in an older layout
+    (`sepvit_jax.core.layouts`); `optional` tensors may be present (with their shape) or not.
+    """
+    rows = weight_table(config) if rows is None else rows
+    expected = {row.torch_key: row.torch_shape for row in rows}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for key, shape in (optional or {}).items():
+        if key in found:
+            expected[key] = shape
+    check_shapes(expected, found, what)
 
 
 # ---- the one mapping ---------------------------------------------------------------------------
 
 
-def to_flax(config: SepViTConfig, state_dict: Mapping[str, np.ndarray], dtype=None) -> dict:
+def to_flax(
+    config: SepViTConfig,
+    state_dict: Mapping[str, np.ndarray],
+    dtype=None,
+    *,
+    rows: Sequence[Row] | None = None,
+) -> dict:
     """The NNX parameter tree (a pure dict) of a checked torch-named state_dict of numpy arrays.
 
     Leaves stay views of the state_dict where the layout allows (no copy when `dtype` is the
-    arrays' own or None), so a conversion holds about one copy of the weights.
+    arrays' own or None), so a conversion holds about one copy of the weights. `rows` as in
+    `check_state_dict`; tensors the rows do not name are ignored.
     """
     tree: dict = {}
-    for row in weight_table(config):
+    for row in weight_table(config) if rows is None else rows:
         node = tree
         for part in row.flax_path[:-1]:
             node = node.setdefault(part, {})
@@ -195,10 +225,13 @@ def to_flax(config: SepViTConfig, state_dict: Mapping[str, np.ndarray], dtype=No
     return tree
 
 
-def to_torch(config: SepViTConfig, tree: Mapping) -> dict[str, np.ndarray]:
-    """The torch-named state_dict (numpy, torch layouts, contiguous) of an NNX parameter tree."""
+def to_torch(
+    config: SepViTConfig, tree: Mapping, *, rows: Sequence[Row] | None = None
+) -> dict[str, np.ndarray]:
+    """The torch-named state_dict (numpy, torch layouts, contiguous) of an NNX parameter tree,
+    in the order and names of `rows` (default: the current layout's)."""
     out = {}
-    for row in weight_table(config):
+    for row in weight_table(config) if rows is None else rows:
         node: Any = tree
         for part in row.flax_path:
             node = node[part]
