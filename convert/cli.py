@@ -6,6 +6,8 @@
     convert flax2torch DIR [-o model.pt] [--safetensors] [--layout current|prenorm|grouped]
                        [--overwrite]
     convert inspect CKPT_OR_DIR [--json] [--image-size 224 | 224,320] [--window-size ...]
+    convert export DIR -o FILE [--image-size N] [--platforms cpu,cuda,tpu] [--batch N]
+                   [--dtype float32|bfloat16]
 
 Every command also takes --debug (show tracebacks) and, where it reads torch pickles,
 --unsafe-pickle (load pickled modules, which runs code from the file: trusted files only).
@@ -14,8 +16,8 @@ stderr). Outputs are written to a temporary sibling and renamed when complete, s
 leaves a partial file or directory behind. The checkpoint layouts are described in
 `sepvit_jax.core.format` (directory) and `sepvit_jax.core.torch_io` (torch files).
 
-Each command is a module (`convert.torch2flax`, `convert.flax2torch`, `convert.inspect_checkpoint`)
-imported only when it runs, so `inspect` never loads JAX.
+Each command is a module (`convert.torch2flax`, `convert.flax2torch`, `convert.inspect_checkpoint`,
+`convert.export`) imported only when it runs, so `inspect` never loads JAX.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import os
 import signal
 import sys
 import warnings
+
+from convert import export
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # sepvit_jax.core.infer.PARAM_DTYPES
 LAYOUT_CHOICES = ("current", "prenorm", "grouped")  # sepvit_jax.core.layouts.LAYOUTS
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="H or H,W for the stage table (default: the model's recorded size, or 224)",
     )
     ins.set_defaults(command="convert.inspect_checkpoint")
+
+    export.add_parser(sub, [common])
     return parser
 
 

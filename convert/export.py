@@ -5,11 +5,11 @@
 
 FILE is the `jax.export` serialization of the model's eval-mode forward (weights inside; NHWC
 float32 images -> float32 logits; any batch size unless --batch), FILE.json its sidecar; see
-`sepvit_jax.export`. The image size defaults to the directory's preprocessing record, which
+`sepvit_jax.stablehlo`. The image size defaults to the directory's preprocessing record, which
 the sidecar carries along. Every flag is checked before a weight is read.
 
 This module is imported when the CLI builds its parser, for every command: it imports no JAX
-at module level (`run` brings in `sepvit_jax.export` and the checkpoint loader).
+at module level (`run` brings in `sepvit_jax.stablehlo` and the checkpoint loader).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sepvit_jax
 from convert.console import Step, quiet_orbax_logging
 from sepvit_jax.core.format import read_metadata, read_preprocessing
 
-DEFAULT_PLATFORMS = "cpu,cuda,tpu"  # sepvit_jax.export.DEFAULT_PLATFORMS
+DEFAULT_PLATFORMS = "cpu,cuda,tpu"  # sepvit_jax.stablehlo.DEFAULT_PLATFORMS
 DTYPE_CHOICES = ("float32", "bfloat16")
 
 
@@ -77,7 +77,7 @@ def run(args) -> int:
     record = read_preprocessing(directory)
     image_size = tuple(args.image_size or record.image_size)
     # JAX and Orbax come in here, not at import: the CLI imports this module for its parser.
-    exporting = importlib.import_module("sepvit_jax.export")
+    exporting = importlib.import_module("sepvit_jax.stablehlo")
     request = exporting.check_request(
         config, image_size=image_size, batch=args.batch, platforms=args.platforms, dtype=args.dtype
     )

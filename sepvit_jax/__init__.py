@@ -15,6 +15,8 @@ _LAZY = {
     "load": "sepvit_jax.checkpoint",
     "save": "sepvit_jax.checkpoint",
     "from_torch": "sepvit_jax.checkpoint",
+    "export": "sepvit_jax.stablehlo",
+    "load_exported": "sepvit_jax.stablehlo",
 }
 
 __all__ = ["CONFIGS", "SepViTConfig", "get_config", *_LAZY]

@@ -2,7 +2,7 @@
 simulated CPU devices: the TPU and CUDA programs, lowered (never compiled) on a CPU-only machine.
 
 For each of tpu and cuda:
-  - the exported forward (`sepvit_jax.export.exported_program`, float32 with a symbolic batch
+  - the exported forward (`sepvit_jax.stablehlo.exported_program`, float32 with a symbolic batch
     and bfloat16 with a fixed one), which goes through `jax.export`'s checks of the module
     (e.g. that every custom call is one a serialized program may keep);
   - the sharded training step (`sepvit_jax.train.steps`) on a ("data"=2, "fsdp"=4) mesh whose
@@ -30,7 +30,7 @@ from sepvit_jax import sharding  # noqa: E402
 from sepvit_jax.checkpoint import model_from_params  # noqa: E402
 from sepvit_jax.core import table  # noqa: E402
 from sepvit_jax.core.config import get_config  # noqa: E402
-from sepvit_jax.export import exported_program  # noqa: E402
+from sepvit_jax.stablehlo import exported_program  # noqa: E402
 from sepvit_jax.train import optim, steps  # noqa: E402
 
 PLATFORMS = ("tpu", "cuda")

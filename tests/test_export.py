@@ -1,5 +1,6 @@
-"""`sepvit_jax.export` and `convert export`: serialized JAX programs of SepViT, and lowering the
-TPU and CUDA programs (forward and sharded training step) on this CPU-only machine.
+"""`sepvit_jax.export` (module `sepvit_jax.stablehlo`) and `convert export`: serialized JAX
+programs of SepViT, and lowering the TPU and CUDA programs (forward and sharded training step)
+on this CPU-only machine.
 
 The model is the `testing` variant at 56x56 with random weights (no init compile); one program,
 exported once for cpu, cuda and tpu with a symbolic batch, serves most tests.
@@ -22,7 +23,7 @@ from flax import nnx
 
 import sepvit_jax
 from convert import export as export_command
-from sepvit_jax import export as exporting
+from sepvit_jax import stablehlo as exporting
 from sepvit_jax.checkpoint import model_from_params
 from sepvit_jax.core import table
 from tests.helpers import assert_close

@@ -334,6 +334,3 @@ def load_exported(path: str | os.PathLike) -> ExportedModel:
     if len(exported.in_avals) != 1 or len(exported.in_avals[0].shape) != 4:
         raise ValueError(f"{path} is not an exported image classifier (inputs {exported.in_avals})")
     return ExportedModel(exported, metadata, path.name)
-
-
-export_model = export  # the package-level name (`sepvit_jax.export` is this module)
