@@ -141,6 +141,34 @@ def dropout_layer(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
     return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
 
 
+def drop_path_layer(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
+    """Stochastic depth for a residual branch on a (B, H, W, C) map, or None when `rate` is 0.
+
+    One keep/drop draw per sample (the mask is broadcast over H, W and C), kept samples scaled
+    by 1/(1 - rate): nnx.Dropout with `broadcast_dims`, so `model.train()`/`model.eval()` switch
+    it like dropout and it draws from the same "dropout" RNG stream. None at rate 0, so that a
+    model without stochastic depth holds no extra RNG state.
+    """
+    return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
+
+
+def stochastic_depth_rates(depth: tuple[int, ...], rate: float) -> list[list[float]]:
+    """Per stage, the drop-path rate of each block: 0 to `rate` linearly over all blocks.
+
+    The schedule of timm (`torch.linspace(0, rate, sum(depth))`), computed in Python floats so
+    that `sepvit_torch.model.stochastic_depth_rates` gives bit-identical rates.
+    """
+    total = sum(depth)
+    flat = [rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+    starts = [sum(depth[:s]) for s in range(len(depth))]
+    return [flat[start : start + d] for start, d in zip(starts, depth, strict=True)]
+
+
+def check_drop_path_rate(rate: float) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate!r}")
+
+
 class FeedForward(nnx.Module):
     """Pre-norm MLP of 1x1 convs (Dense on channels): norm -> fc1 -> GELU -> fc2, with dropout.
 

@@ -8,9 +8,16 @@ the table in `sepvit_jax.core.table`. Module paths follow the torch names where 
     layers.{i}.0 / .1 / .2                  layers[i].patch_embed / .peg / .transformer
     layers.{i}.2.layers.{j}.0 / .1          layers[i].transformer.layers[j].attn / .ff
     mlp_head.1 / mlp_head.2                 mlp_head.norm / mlp_head.fc
+
+Backbone API after timm's (`forward_features`, `forward_head`, `forward_intermediates`,
+`feature_info`, `reset_classifier`); two training options outside `SepViTConfig`, which stays
+exactly vit-pytorch's keyword arguments: `drop_path_rate` (stochastic depth) and `remat`.
 """
 
 from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,21 +30,36 @@ from sepvit_jax.layers import (
     ChanLayerNorm,
     FeedForward,
     OverlappingPatchEmbed,
+    check_drop_path_rate,
+    drop_path_layer,
+    stochastic_depth_rates,
     torch_layer_norm,
     torch_linear,
 )
 
 
 class TransformerBlock(nnx.Module):
-    """x + DSSA(x), then x + FeedForward(x)."""
+    """x + drop_path(DSSA(x)), then x + drop_path(FeedForward(x)).
+
+    `drop_path` (stochastic depth, `layers.drop_path_layer`) is None unless the model was built
+    with a `drop_path_rate`; the SepViT constructor sets it once every parameter exists.
+    """
 
     def __init__(self, attn: DSSA, ff: FeedForward):
         self.attn = attn
         self.ff = ff
+        self.drop_path = nnx.data(None)  # data: may later hold a layer with RNG state
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.attn(x) + x
-        return self.ff(x) + x
+        x = self._branch(self.attn(x)) + x  # parity: branch + x, the order torch adds in
+        return self._branch(self.ff(x)) + x
+
+    def _branch(self, y: jax.Array) -> jax.Array:
+        return y if self.drop_path is None else self.drop_path(y)
+
+
+def _call_block(block: TransformerBlock, x: jax.Array) -> jax.Array:
+    return block(x)
 
 
 class Transformer(nnx.Module):
@@ -57,8 +79,10 @@ class Transformer(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        remat: bool = False,
     ):
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        self.remat = remat
         self.layers = nnx.List(
             [
                 TransformerBlock(
@@ -80,7 +104,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for block in self.layers:
-            x = block(x)
+            # remat: keep only each block's input for the backward pass and recompute the rest
+            # (memory for compute). nnx.remat replays the block's RNG state, so dropout and drop
+            # path draw the same masks in the recomputation.
+            x = nnx.remat(_call_block)(block, x) if self.remat else block(x)
         return x if self.norm is None else self.norm(x)
 
 
@@ -104,9 +131,10 @@ class MlpHead(nnx.Module):
         self.norm = torch_layer_norm(dim, rngs=rngs, **dtypes)
         self.fc = torch_linear(dim, num_classes, rngs=rngs, **dtypes)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
         pooled = x.astype(jnp.promote_types(x.dtype, jnp.float32)).mean(axis=(1, 2))
-        return self.fc(self.norm(pooled.astype(x.dtype)))
+        features = self.norm(pooled.astype(x.dtype))
+        return features if pre_logits else self.fc(features)
 
 
 class SepViT(nnx.Module):
@@ -118,8 +146,14 @@ class SepViT(nnx.Module):
       rngs: `nnx.Rngs` for parameter init (stream `params`) and dropout (stream `dropout`).
       dtype: compute dtype (e.g. jnp.bfloat16); norms and softmax still run in float32.
       param_dtype: dtype of the parameters.
+      drop_path_rate: stochastic depth (timm's schedule): block k of all K blocks, counted over
+        every stage in order, drops each of its two residual branches per sample with
+        probability `drop_path_rate * k / (K - 1)`. Draws from the `dropout` stream. At 0 (the
+        default) the model is exactly the one without it: same function, parameters and state.
+      remat: recompute each transformer block in the backward pass instead of storing its
+        activations (`nnx.remat`); same values and gradients, less memory.
 
-    `model.eval()` turns dropout off, `model.train()` on (the default, as in torch).
+    `model.eval()` turns dropout and drop path off, `model.train()` on (the default, as in torch).
     """
 
     def __init__(
@@ -137,6 +171,8 @@ class SepViT(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        drop_path_rate: float = 0.0,
+        remat: bool = False,
     ):
         self.config = SepViTConfig(
             num_classes=num_classes,
@@ -149,6 +185,7 @@ class SepViT(nnx.Module):
             channels=channels,
             dropout=dropout,
         )
+        check_drop_path_rate(drop_path_rate)
         cfg = self.config
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         widths = (channels, *cfg.stage_dims)
@@ -169,6 +206,7 @@ class SepViT(nnx.Module):
                         dropout=dropout,
                         norm_output=i < cfg.num_stages - 1,
                         rngs=rngs,
+                        remat=remat,
                         **dtypes,
                     ),
                 )
@@ -176,12 +214,32 @@ class SepViT(nnx.Module):
             ]
         )
         self.mlp_head = MlpHead(widths[-1], num_classes, rngs=rngs, **dtypes)
+        # Last: forking RNG streams for drop path advances `rngs`, and doing it after every
+        # parameter exists keeps a seed's initial weights the same with or without it.
+        rates = stochastic_depth_rates(cfg.depth, drop_path_rate)
+        for stage, stage_rates in zip(self.layers, rates, strict=True):
+            for block, rate in zip(stage.transformer.layers, stage_rates, strict=True):
+                block.drop_path = drop_path_layer(rate, rngs)
 
     @classmethod
     def from_config(
-        cls, config: SepViTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+        cls,
+        config: SepViTConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        drop_path_rate: float = 0.0,
+        remat: bool = False,
     ) -> SepViT:
-        return cls(**config.to_dict(), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        return cls(
+            **config.to_dict(),
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            drop_path_rate=drop_path_rate,
+            remat=remat,
+        )
 
     def check_input(self, x: jax.Array) -> None:
         """Raise ValueError for a batch this model cannot take (shapes are static under jit)."""
@@ -194,14 +252,115 @@ class SepViT(nnx.Module):
             )
         self.config.check_image_size(x.shape[1], x.shape[2])
 
+    # ---- backbone API (timm's names and result shapes) ---------------------------------------
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """Per stage: channels, total stride and module path (`layers.{i}`, as in torch)."""
+        return [
+            dict(num_chs=width, reduction=4 * 2**i, module=f"layers.{i}")
+            for i, width in enumerate(self.config.stage_dims)
+        ]
+
     def features(self, x: jax.Array) -> list[jax.Array]:
         """Every stage's output map, NHWC: a multi-scale backbone for detection/segmentation."""
+        return self.forward_intermediates(x, intermediates_only=True)
+
+    def forward_features(self, x: jax.Array) -> jax.Array:
+        """The last stage's map (B, H/2**(S+1), W/2**(S+1), C), what `forward_head` takes."""
+        return self.forward_intermediates(x, 1, intermediates_only=True)[0]
+
+    def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Mean pool and LayerNorm of a `forward_features` map, then the classifier (logits).
+
+        pre_logits: stop before the classifier: the (B, C) pooled, normalised features.
+        """
+        return self.mlp_head(x, pre_logits=pre_logits)
+
+    def forward_intermediates(
+        self,
+        x: jax.Array,
+        indices: int | Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: str = "NHWC",
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+    ) -> list[jax.Array] | tuple[jax.Array, list[jax.Array]]:
+        """Stage output maps, as timm's `forward_intermediates`.
+
+        Args:
+          x: (B, H, W, C) images.
+          indices: the stages to return: None all, an int n the last n, a sequence of stage
+            indices (negative count from the end). Maps come in stage order, once each.
+          norm: every returned map normalised over channels. Stages but the last end in their
+            own ChanLayerNorm (the map the next stage reads), so they are unchanged; the last
+            stage, which has none, gets the head's LayerNorm (`mlp_head.norm`) at every
+            position, as timm's hierarchical models apply their final norm to the last
+            intermediate. (The classifier pools first and normalises after.)
+          output_fmt: layout of the returned maps, "NHWC" (default) or "NCHW".
+          intermediates_only: return only the list of maps.
+          stop_early: run no stage past the last requested one. Only with intermediates_only:
+            the final features need every stage.
+
+        Returns:
+          The maps, or `(final, maps)` with `final` = `forward_features(x)` (NHWC, always).
+        """
+        num_stages = self.config.num_stages
+        take = select_stages(num_stages, indices)
+        layout = _output_layout(output_fmt)
         self.check_input(x)
+        end = take[-1] + 1 if stop_early and intermediates_only else num_stages
         maps = []
-        for stage in self.layers:
-            x = stage(x)
-            maps.append(x)
-        return maps
+        for i in range(end):
+            x = self.layers[i](x)
+            if i in take:
+                y = self.mlp_head.norm(x) if norm and i == num_stages - 1 else x
+                maps.append(layout(y))
+        return maps if intermediates_only else (x, maps)
+
+    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs) -> None:
+        """A new, freshly initialised classifier for `num_classes`; `config` follows."""
+        config = self.config.replace(num_classes=num_classes)  # validates num_classes first
+        old = self.mlp_head.fc
+        self.mlp_head.fc = torch_linear(
+            old.in_features, num_classes, rngs=rngs, dtype=old.dtype, param_dtype=old.param_dtype
+        )
+        self.config = config
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.mlp_head(self.features(x)[-1])
+        return self.forward_head(self.forward_features(x))
+
+
+def select_stages(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's `indices` as sorted, distinct stage indices; ValueError when out of range.
+
+    The same rule as `sepvit_torch.model.select_stages` (tests/test_backbone.py checks both).
+    """
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices}: the last n stages needs 1 <= n <= {num_stages}")
+        return list(range(num_stages - int(indices), num_stages))
+    chosen = set()
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise ValueError(f"stage indices must be ints, got {i!r} in {indices!r}")
+        if not -num_stages <= i < num_stages:
+            raise ValueError(
+                f"stage index {i} is out of range for {num_stages} stages "
+                f"({-num_stages} to {num_stages - 1})"
+            )
+        chosen.add(int(i) % num_stages)
+    if not chosen:
+        raise ValueError("indices names no stage")
+    return sorted(chosen)
+
+
+def _output_layout(output_fmt: str):
+    if output_fmt == "NHWC":
+        return lambda y: y
+    if output_fmt == "NCHW":
+        return lambda y: jnp.transpose(y, (0, 3, 1, 2))
+    raise ValueError(f'output_fmt must be "NHWC" or "NCHW", got {output_fmt!r}')

@@ -6,11 +6,18 @@ checkpoint loads with `strict=True`; every tensor name and shape is a row of the
 honoured: vit-pytorch never passes them on to its blocks, so every upstream model is really
 window size 7, dim_head 32, whatever it was constructed with.
 
+Backbone API after timm's (`forward_features`, `forward_head`, `forward_intermediates`,
+`feature_info`, `reset_classifier`) and stochastic depth (`drop_path_rate`), the same as
+`sepvit_jax.SepViT`'s; neither changes the state_dict.
+
 Axis legend used in the einops patterns: b batch, c/d channels, x/y window grid, w1/w2 position
 inside a window, h heads, n windows, i/j query/key positions.
 """
 
 from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -18,6 +25,36 @@ from einops.layers.torch import Rearrange, Reduce
 from torch import nn
 
 from sepvit_jax.core.config import SepViTConfig
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch: zero whole samples with probability `rate`.
+
+    Kept samples are scaled by 1/(1 - rate), so the expectation is unchanged; identity in eval
+    mode and at rate 0.
+    """
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x / keep * mask
+
+
+def stochastic_depth_rates(depth: tuple[int, ...], rate: float) -> list[list[float]]:
+    """Per stage, the drop-path rate of each block: 0 to `rate` linearly over all blocks.
+
+    timm's `torch.linspace(0, rate, sum(depth))` in Python floats, bit-identical to
+    `sepvit_jax.layers.stochastic_depth_rates` (sepvit_torch does not import JAX).
+    """
+    total = sum(depth)
+    flat = [rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+    starts = [sum(depth[:s]) for s in range(len(depth))]
+    return [flat[start : start + d] for start, d in zip(starts, depth, strict=True)]
+
+
+def check_drop_path_rate(rate: float) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate!r}")
 
 
 class ChanLayerNorm(nn.Module):
@@ -143,7 +180,11 @@ class DSSA(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`depth` blocks of (DSSA, FeedForward) with residuals, then an optional ChanLayerNorm."""
+    """`depth` blocks of (DSSA, FeedForward) with residuals, then an optional ChanLayerNorm.
+
+    `drop_path_rates`: per block, the stochastic-depth rate of both its residual branches
+    (default none); they hold no parameters, so the state_dict is the same.
+    """
 
     def __init__(
         self,
@@ -155,8 +196,12 @@ class Transformer(nn.Module):
         ff_mult: float,
         dropout: float,
         norm_output: bool,
+        drop_path_rates: Sequence[float] | None = None,
     ):
         super().__init__()
+        self.drop_path_rates = tuple(drop_path_rates or (0.0,) * depth)
+        if len(self.drop_path_rates) != depth:
+            raise ValueError(f"{len(self.drop_path_rates)} drop_path_rates for {depth} blocks")
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
@@ -169,9 +214,9 @@ class Transformer(nn.Module):
         self.norm = ChanLayerNorm(dim) if norm_output else nn.Identity()
 
     def forward(self, x):
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
+        for (attn, ff), rate in zip(self.layers, self.drop_path_rates, strict=True):
+            x = drop_path(attn(x), rate, self.training) + x
+            x = drop_path(ff(x), rate, self.training) + x
         return self.norm(x)
 
 
@@ -181,6 +226,10 @@ class SepViT(nn.Module):
     Args:
       num_classes, dim, depth, heads, window_size, dim_head, ff_mult, channels, dropout: see
         `sepvit_jax.core.config.SepViTConfig`.
+      drop_path_rate: stochastic depth (timm's schedule): block k of all K blocks, counted over
+        every stage in order, drops each of its two residual branches per sample with
+        probability `drop_path_rate * k / (K - 1)` in training mode. Not part of the config;
+        at 0 (the default) the model is exactly the one without it.
     """
 
     def __init__(
@@ -195,6 +244,7 @@ class SepViT(nn.Module):
         ff_mult: float = 4,
         channels: int = 3,
         dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         self.config = SepViTConfig(
@@ -208,9 +258,11 @@ class SepViT(nn.Module):
             channels=channels,
             dropout=dropout,
         )
+        check_drop_path_rate(drop_path_rate)
         cfg = self.config
         dims = (channels, *cfg.stage_dims)
         last = cfg.num_stages - 1
+        rates = stochastic_depth_rates(cfg.depth, drop_path_rate)
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
@@ -225,6 +277,7 @@ class SepViT(nn.Module):
                         ff_mult,
                         dropout,
                         norm_output=i != last,
+                        drop_path_rates=rates[i],
                     ),
                 ]
             )
@@ -237,8 +290,8 @@ class SepViT(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, config: SepViTConfig) -> SepViT:
-        return cls(**config.to_dict())
+    def from_config(cls, config: SepViTConfig, *, drop_path_rate: float = 0.0) -> SepViT:
+        return cls(**config.to_dict(), drop_path_rate=drop_path_rate)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
@@ -252,14 +305,102 @@ class SepViT(nn.Module):
             )
         self.config.check_image_size(x.shape[2], x.shape[3])
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    # ---- backbone API (timm's names and result shapes) ---------------------------------------
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """Per stage: channels, total stride and module name (`layers.{i}`)."""
+        return [
+            dict(num_chs=width, reduction=4 * 2**i, module=f"layers.{i}")
+            for i, width in enumerate(self.config.stage_dims)
+        ]
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's output feature map (NCHW), e.g. for a detection/segmentation neck."""
+        return self.forward_intermediates(x, intermediates_only=True)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (NCHW), what `forward_head` takes."""
+        return self.forward_intermediates(x, 1, intermediates_only=True)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Mean pool and LayerNorm of a `forward_features` map, then the classifier (logits).
+
+        pre_logits: stop before the classifier: the (B, C) pooled, normalised features.
+        """
+        features = self.mlp_head[1](self.mlp_head[0](x))
+        return features if pre_logits else self.mlp_head[2](features)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage output maps, as timm's `forward_intermediates`; see `sepvit_jax.SepViT`'s.
+
+        indices: None all stages, an int n the last n, a sequence of (possibly negative) stage
+        indices; maps in stage order. norm: the last stage's map through the head's LayerNorm
+        (`mlp_head.1`) at every position (the others end in their own ChanLayerNorm already).
+        output_fmt: "NCHW" (default) or "NHWC". stop_early: with intermediates_only, run no
+        stage past the last requested one. Returns the maps, or `(final, maps)` with `final` =
+        `forward_features(x)` (NCHW, always).
+        """
+        num_stages = self.config.num_stages
+        take = select_stages(num_stages, indices)
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f'output_fmt must be "NHWC" or "NCHW", got {output_fmt!r}')
         self._check_input(x)
-        features = []
-        for patch_embed, peg, transformer in self.layers:
+        end = take[-1] + 1 if stop_early and intermediates_only else num_stages
+        maps = []
+        for i in range(end):
+            patch_embed, peg, transformer = self.layers[i]
             x = transformer(peg(patch_embed(x)))
-            features.append(x)
-        return features
+            if i in take:
+                y = x.permute(0, 2, 3, 1)  # NHWC: LayerNorm normalises the last axis
+                if norm and i == num_stages - 1:
+                    y = self.mlp_head[1](y)
+                maps.append(y if output_fmt == "NHWC" else y.permute(0, 3, 1, 2))
+        return maps if intermediates_only else (x, maps)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised classifier for `num_classes`; `config` follows."""
+        config = self.config.replace(num_classes=num_classes)  # validates num_classes first
+        old = self.mlp_head[2]
+        self.mlp_head[2] = nn.Linear(
+            old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype
+        )
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_head(self.forward_features(x)[-1])
+        return self.forward_head(self.forward_features(x))
+
+
+def select_stages(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's `indices` as sorted, distinct stage indices; ValueError when out of range.
+
+    The same rule as `sepvit_jax.model.select_stages` (tests/test_backbone.py checks both).
+    """
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices}: the last n stages needs 1 <= n <= {num_stages}")
+        return list(range(num_stages - int(indices), num_stages))
+    chosen = set()
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise ValueError(f"stage indices must be ints, got {i!r} in {indices!r}")
+        if not -num_stages <= i < num_stages:
+            raise ValueError(
+                f"stage index {i} is out of range for {num_stages} stages "
+                f"({-num_stages} to {num_stages - 1})"
+            )
+        chosen.add(int(i) % num_stages)
+    if not chosen:
+        raise ValueError("indices names no stage")
+    return sorted(chosen)

@@ -191,7 +191,7 @@ def test_features_give_every_stage_map():
     maps = model.features(jnp.zeros((2, 32, 48, 3)))
     assert [m.shape for m in maps] == [(2, 8, 12, 8), (2, 4, 6, 16), (2, 2, 3, 32)]
     torch_model = sepvit_torch.SepViT.from_config(model.config)
-    torch_maps = torch_model.forward_features(torch.zeros(2, 3, 32, 48))
+    torch_maps = torch_model.features(torch.zeros(2, 3, 32, 48))
     assert [tuple(m.shape) for m in torch_maps] == [(2, 8, 8, 12), (2, 16, 4, 6), (2, 32, 2, 3)]
 
 
