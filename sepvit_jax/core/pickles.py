@@ -1,12 +1,19 @@
-"""Opening torch pickles without running code from them.
+"""Opening torch pickles without running code from them, in bounded time and memory.
 
 `load_torch` reads a `torch.save`d file (zip or legacy format, any suffix) with torch's
-weights-only unpickler, memory-mapped where the format allows. When that unpickler stops, the
-file is either damaged or wants to import or call something outside torch's allowlist; which of
-the two is decided here by reading the pickle opcodes (`pickletools.genops` only parses, it never
-imports or calls), not by matching torch's error text, which changes between releases. A file
-that would run code is refused with the globals it names; `unsafe_pickle=True` loads it for real
-(with a warning), which is the only way to read a whole pickled `nn.Module`.
+weights-only unpickler, memory-mapped where the format allows, after two checks that make the
+work torch does proportional to what a legitimate checkpoint of the declared tensors needs:
+
+1. a zip file's structure (`sepvit_jax.core.zipcheck`), from its central directory alone: entry
+   count, compression ratios, overlaps, and the pickle's inflated size against the storages;
+2. the pickle itself (`sepvit_jax.core.pickscan`), walked without importing or calling anything:
+   the first global outside torch's weights-only allowlist stops it and is named (the file is
+   refused with that name, torch never sees it); byte, storage, tensor-view and key bounds.
+   A legacy (non-zip) file is the same five pickles torch reads, within a byte budget that grows
+   with the tensors they declare, so junk before the first global cannot make the scan long.
+
+`unsafe_pickle=True` skips the scan and loads for real (with a warning; the zip checks still
+apply), which is the only way to read a whole pickled `nn.Module`.
 
 A few plain-data classes that training scripts commonly put next to the weights are accepted
 as weights-only too: `argparse.Namespace` (timm and many scripts save their arguments), numpy
@@ -15,40 +22,32 @@ scalars, arrays and dtypes (metrics, statistics). Building them runs no code fro
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import contextlib
-import pickletools
+import io
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from sepvit_jax.core import zipcheck
+from sepvit_jax.core.errors import CheckpointError
+from sepvit_jax.core.pickscan import PICKLE_PER_STORAGE, PICKLE_SLACK, Scan, UnsafeGlobal
+from sepvit_jax.core.unpickler import BoundedReader
+
 ZIP_MAGIC = b"PK\x03\x04"
-# Opcodes that instantiate or call something named by the pickle beyond GLOBAL/STACK_GLOBAL.
-_CODE_OPS = {"OBJ", "EXT1", "EXT2", "EXT4"}
-# A legacy torch file is five pickles (magic, protocol, sys info, the object, storage keys) and
-# then raw bytes, which must not be parsed as opcodes.
-_MAX_PICKLES = 5
-_STRING_OPS = {
-    "SHORT_BINUNICODE",
-    "BINUNICODE",
-    "BINUNICODE8",
-    "UNICODE",
-    "SHORT_BINSTRING",
-    "BINSTRING",
-    "STRING",
-}
+UnsafePickle = UnsafeGlobal  # the pickle would import or call `.names` when loaded for real
+# A legacy torch file: magic number, protocol version, system info, the object, storage keys;
+# then raw storage bytes, which are not pickles.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
 _MAX_LISTED = 3
-
-
-class UnsafePickle(Exception):
-    """The pickle would import or call `names` when loaded for real."""
-
-    def __init__(self, names: list[str]):
-        super().__init__(", ".join(names))
-        self.names = names
+# Modules torch refuses even when allowlisted.
+_BLOCKED = {"sys", "os", "posix", "nt"}
 
 
 def _extra_safe_globals() -> list:
@@ -70,8 +69,10 @@ def load_torch(path: Path, *, unsafe_pickle: bool) -> Any:
     """`torch.load` of `path` on the CPU, weights-only unless `unsafe_pickle`.
 
     Raises:
-      UnsafePickle: weights-only loading failed because the file names code (listed).
-      Exception: whatever torch raised for a damaged file (the caller words it).
+      UnsafePickle: the file names code (listed: the first name outside the allowlist last).
+      CheckpointError: the file exceeds a bound a legitimate checkpoint keeps (the message says
+        which).
+      Exception: whatever torch or the checks raised for a damaged file (the caller words it).
     """
     import torch
 
@@ -80,6 +81,19 @@ def load_torch(path: Path, *, unsafe_pickle: bool) -> Any:
     # safetensors, so a torch file named so is passed as an open file (no mmap then).
     with open(path, "rb") as f:
         is_zip = f.read(4) == ZIP_MAGIC
+    layout = zipcheck.check_torch_zip(path) if is_zip else None
+    if not unsafe_pickle:
+        allowed = _allowlist(torch)
+        try:
+            if layout is not None:
+                _scan_zip(path, layout, allowed)
+            else:
+                _scan_legacy(path, allowed)
+        except (CheckpointError, UnsafeGlobal, pickle.UnpicklingError):
+            raise
+        except Exception as err:  # damage: torch would stop there too
+            detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            raise pickle.UnpicklingError(f"its pickle does not parse ({detail})") from None
     by_name = path.suffix.lower() != ".safetensors"
     with contextlib.ExitStack() as stack:
         source: Any = path if by_name else stack.enter_context(open(path, "rb"))
@@ -92,101 +106,59 @@ def load_torch(path: Path, *, unsafe_pickle: bool) -> Any:
         safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
         if safe_globals is not None:
             stack.enter_context(safe_globals(_extra_safe_globals()))
-        try:
-            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception:
-            # torch words this differently across releases (and formats): read the opcodes.
-            names = code_globals(path, is_zip)
-            if names:
-                raise UnsafePickle(names) from None
-            raise
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def code_globals(path: Path, is_zip: bool) -> list[str]:
-    """What the pickles of a torch file would import or call outside the weights-only allowlist.
-
-    Empty when nothing does: a file that fails to load all the same is merely damaged.
-    """
-    found: list[str] = []
-    try:
-        if is_zip:
-            with zipfile.ZipFile(path) as archive:
-                for member in archive.namelist():
-                    if member.endswith("data.pkl"):
-                        with archive.open(member) as f:
-                            found += _referenced(f, archive.getinfo(member).file_size)
-        else:
-            with open(path, "rb") as f:
-                found += _referenced(f, path.stat().st_size)
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
-        pass
-    allowed = _allowed_names()
-    return list(dict.fromkeys(n for n in found if n not in allowed))
+def _scan_zip(path: Path, layout: zipcheck.TorchZip, allowed) -> None:
+    """Scan the pickle torch will unpickle; its inflated size is bounded already."""
+    if layout.pickle is None:
+        return  # torch fails on its own, reading nothing big
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(layout.pickle)
+    scan = Scan(str(path), allowed, len(data), records=layout.records)
+    scan.load(io.BytesIO(data))
 
 
-def _allowed_names() -> set[str]:
-    try:
-        from torch import _weights_only_unpickler as wou
+def _scan_legacy(path: Path, allowed) -> None:
+    """Scan the pickles of a legacy file as torch reads them, stopping where torch would."""
+    size = path.stat().st_size
+    scan = Scan(str(path), allowed, PICKLE_SLACK, per_id=PICKLE_PER_STORAGE, file_size=size)
+    with open(path, "rb") as f:
+        reader = BoundedReader(f, scan, "stream")
+        for expected in (_LEGACY_MAGIC, _LEGACY_PROTOCOL, None, None, None):
+            value = scan.load(reader)
+            if expected is not None and not (type(value) is int and value == expected):
+                return  # torch stops here too: not a legacy torch file
+            if reader.used >= size:
+                return
 
-        names = set(wou._get_allowed_globals())
-    except (ImportError, AttributeError):  # private API: assume only torch's own names
-        names = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2"}
+
+def _allowlist(torch):
+    """`allowed(module, name) -> (full name, allowed?)`, as torch's weights-only unpickler judges
+    a GLOBAL (its name mappings for protocol-2 files, its allowlist, our extra safe globals)."""
+    utils = torch._utils
+    import_mapping = getattr(utils, "IMPORT_MAPPING", _compat_pickle.IMPORT_MAPPING)
+    name_mapping = getattr(utils, "NAME_MAPPING", _compat_pickle.NAME_MAPPING)
+    try:  # imported by torch.serialization
+        wou = torch._weights_only_unpickler
+        names = set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+        exact = True
+    except AttributeError:  # private API: let torch judge its own names
+        names, exact = {"collections.OrderedDict", "builtins.set"}, False
     for item in _extra_safe_globals():
         obj, name = item if isinstance(item, tuple) else (item, None)
-        names.add(name or f"{obj.__module__}.{obj.__name__}")
-    return names
+        names.add(name or f"{obj.__module__}.{obj.__qualname__}")
 
+    def allowed(module: str, name: str) -> tuple[str, bool]:
+        if (module, name) in name_mapping:
+            module, name = name_mapping[(module, name)]
+        elif module in import_mapping:
+            module = import_mapping[module]
+        full = f"{module}.{name}"
+        ok = full in names or (not exact and module.split(".")[0] == "torch")
+        return full, ok and module not in _BLOCKED
 
-def _referenced(f: IO[bytes], size: int) -> list[str]:
-    """Globals imported and code opcodes used by the successive complete pickles in `f`.
-
-    A legacy torch file is several pickles followed by raw storage bytes: parse pickles until
-    the bytes stop parsing. Only complete pickles (up to their STOP) count: bytes that merely
-    happen to decode as opcodes (a damaged file, random data) name nothing.
-    """
-    names: list[str] = []
-    for _ in range(_MAX_PICKLES):
-        if f.tell() >= size:
-            break
-        try:
-            names += _scan_one(f)
-        except (ValueError, EOFError, KeyError, IndexError, UnicodeDecodeError):
-            break  # the raw storage bytes after the pickles, or damage
-    return names
-
-
-def _scan_one(f: IO[bytes]) -> list[str]:
-    """The names one pickle imports; strings are tracked (memo included) for STACK_GLOBAL."""
-    names: list[str] = []
-    strings: list[str] = []
-    memo: dict[int, str] = {}
-    memo_count = 0
-    last_was_string = False
-    for op, arg, _ in pickletools.genops(f):  # raises ValueError before an incomplete STOP
-        name = op.name
-        if name == "MEMOIZE":
-            if last_was_string:
-                memo[memo_count] = strings[-1]
-            memo_count += 1
-            continue
-        if name in {"PUT", "BINPUT", "LONG_BINPUT"}:
-            if last_was_string:
-                memo[arg] = strings[-1]
-            continue
-        last_was_string = name in _STRING_OPS or (
-            name in {"GET", "BINGET", "LONG_BINGET"} and arg in memo
-        )
-        if name in _STRING_OPS:
-            strings.append(arg if isinstance(arg, str) else repr(arg))
-        elif last_was_string:
-            strings.append(memo[arg])
-        elif name in {"GLOBAL", "INST"}:
-            names.append(arg.replace(" ", "."))
-        elif name == "STACK_GLOBAL":
-            names.append(".".join(strings[-2:]) if len(strings) >= 2 else "a global")
-        if name in _CODE_OPS:
-            names.append(f"the {name} opcode")
-    return names
+    return allowed
 
 
 def describe(names: list[str]) -> str:

@@ -16,7 +16,9 @@ bfloat16 (`ml_dtypes.bfloat16` arrays) alike) atomically: the data goes to a tem
 that is fsync'd and then renamed over the target, so a crash never leaves a truncated file.
 
 Every failure a user can cause raises `CheckpointError`, whose message is one line naming the
-file and what is wrong with it.
+file and what is wrong with it. A hostile file is refused, or read in time and memory bounded by
+what a checkpoint of the tensors it declares needs: `pickles` (zip structure, pickle scan),
+`safetensors_io` (header against the file), `unwrap` (linear in the distinct dicts).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 
 from sepvit_jax.core import pickles
 from sepvit_jax.core.errors import CheckpointError
+from sepvit_jax.core.safetensors_io import load_safetensors
 from sepvit_jax.core.unwrap import SEPVIT_MARKERS, unwrap_state_dict
 
 __all__ = [
@@ -147,6 +150,8 @@ def _load_torch(p: Path, unsafe_pickle: bool) -> Any:
         )
     try:
         return pickles.load_torch(p, unsafe_pickle=unsafe_pickle)
+    except CheckpointError:
+        raise  # a bound a legitimate checkpoint keeps: the message says which
     except pickles.UnsafePickle as err:
         raise CheckpointError(
             f"refusing to load {p}: this pickle would execute code when loaded (it imports or "
@@ -169,23 +174,9 @@ def _load_torch(p: Path, unsafe_pickle: bool) -> Any:
 
 def _load_safetensors(p: Path) -> dict[str, Any]:
     try:
-        from safetensors import safe_open
-    except ImportError:
-        raise CheckpointError(
-            "reading .safetensors files needs safetensors: pip install 'sepvit-jax[torch]'"
-        ) from None
-    try:
-        import torch  # noqa: F401  (the "pt" framework reads bfloat16 as torch does)
-
-        framework = "pt"
-    except ImportError:
-        framework = "numpy"
-    try:
-        out = {}
-        with safe_open(str(p), framework=framework) as f:
-            for name in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                out[name] = f.get_tensor(name)
-        return out
+        return load_safetensors(p)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise _corrupt(p, err) from None
 

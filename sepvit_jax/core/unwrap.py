@@ -78,12 +78,17 @@ def sepvit_prefixes(state: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def _find_state_dicts(obj: Any, names: tuple[str, ...] | None, path: str, depth: int) -> list:
+def _find_state_dicts(
+    obj: Any, names: tuple[str, ...] | None, path: str, depth: int, seen: dict | None = None
+) -> list:
     """(dotted path, state_dict) of every dict of tensors reachable through entries `names`.
 
-    `names=None` follows every entry (the fallback when no known wrapper name matches).
+    `names=None` follows every entry (the fallback when no known wrapper name matches). A dict
+    met again (a pickle can share one dict under every entry of every level) is looked at again
+    only from a shallower depth, so the walk stays linear in the checkpoint's distinct dicts.
     """
     found: list[tuple[str, Any]] = []
+    seen = {id(obj): (depth, obj)} if seen is None else seen  # (the object pins its id)
     if depth > _MAX_DEPTH or not isinstance(obj, Mapping):
         return found
     for k, v in obj.items():
@@ -92,10 +97,13 @@ def _find_state_dicts(obj: Any, names: tuple[str, ...] | None, path: str, depth:
         sub = f"{path}.{k}" if path else k
         if _is_module(v):
             v = v.state_dict()
+        if not isinstance(v, Mapping) or seen.get(id(v), (_MAX_DEPTH + 2,))[0] <= depth + 1:
+            continue
+        seen[id(v)] = (depth + 1, v)
         if _is_state_dict(v):
             found.append((sub, v))
         else:
-            found.extend(_find_state_dicts(v, names, sub, depth + 1))
+            found.extend(_find_state_dicts(v, names, sub, depth + 1, seen))
     return found
 
 
