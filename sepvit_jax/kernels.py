@@ -1,8 +1,14 @@
-"""The numerical kernels of SepViT, with hand-written backward passes (`jax.custom_vjp`).
+"""The numerical kernels of SepViT, each in two forms: plain JAX, and with a hand-written
+backward pass (`jax.custom_vjp`) that keeps less memory.
 
 Exact (erf) GELU, layer norm over the last axis, the stride-1 depthwise conv of the PEG, and the
 attention softmax. Each computes its statistics in at least float32 (`stats_dtype`) and returns
 the compute dtype. Arrays are NHWC where a layout matters.
+
+By default the model uses the plain forms, so every JAX transformation works on it (`jax.jvp`,
+`jax.jacfwd`, `jax.linearize`, `jax.hessian`: JAX cannot differentiate a `custom_vjp` in forward
+mode). Inside `lean_backward()` (the training step traces the model there) the same forwards run
+with the hand-written backward passes: identical values, less memory kept for the backward.
 
 Why hand-written backward passes (speed and memory on XLA:CPU): XLA:CPU's default scheduler runs
 each op as soon as its inputs exist, so whatever a backward pass derives from forward values alone
@@ -30,11 +36,31 @@ Smaller measurements, on the kernels alone:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
+
+_switch = threading.local()
+
+
+@contextlib.contextmanager
+def lean_backward():
+    """Models traced inside use the kernels with hand-written backward passes (reverse mode
+    only). Thread-local: programs traced in other threads are unaffected."""
+    previous = getattr(_switch, "lean", False)
+    _switch.lean = True
+    try:
+        yield
+    finally:
+        _switch.lean = previous
+
+
+def _lean() -> bool:
+    return getattr(_switch, "lean", False)
 
 
 def stats_dtype(dtype) -> jnp.dtype:
@@ -56,19 +82,25 @@ def _gelu_cdf(x32: jax.Array) -> jax.Array:
     return 0.5 + 0.5 * jax.lax.erf(x32 * _SQRT_HALF)
 
 
-@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, `x * Phi(x)`, computed in at least float32 and returned in x's dtype.
 
     parity: torch's `nn.GELU()` is this erf form, not Flax's default tanh approximation.
-    The backward keeps only `x`.
+    The lean backward keeps only `x`.
     """
+    return _lean_gelu(x) if _lean() else _gelu(x)
+
+
+def _gelu(x: jax.Array) -> jax.Array:
     x32 = x.astype(stats_dtype(x.dtype))
     return (x32 * _gelu_cdf(x32)).astype(x.dtype)
 
 
+_lean_gelu = jax.custom_vjp(_gelu)
+
+
 def _gelu_fwd(x):
-    return gelu(x), x
+    return _gelu(x), x
 
 
 def _gelu_bwd(x, dy):
@@ -78,16 +110,22 @@ def _gelu_bwd(x, dy):
     return ((dy.astype(slope.dtype) * slope).astype(x.dtype),)
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_lean_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm(x, scale, bias, eps: float, dtype) -> jax.Array:
     """Normalise over the last axis in float32 (or wider) and return `dtype`.
 
-    The backward keeps `x` and the per-position mean and 1/std, not the four activation-sized
-    intermediates autodiff would keep.
+    The lean backward keeps `x` and the per-position mean and 1/std, not the four
+    activation-sized intermediates autodiff would keep.
     """
+    if _lean():
+        return _lean_layer_norm(x, scale, bias, eps, dtype)
+    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lean_layer_norm(x, scale, bias, eps: float, dtype) -> jax.Array:
     return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
 
 
@@ -117,15 +155,20 @@ def _layer_norm_bwd(eps, dtype, residuals, dy):
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dy.sum(axis=axes).astype(bias.dtype)
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+_lean_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
     """Stride-1 depthwise conv with symmetric `k // 2` zero padding; kernel (k, k, 1, C).
 
-    The backward keeps `x` only; autodiff of the shifted sum kept all k*k shifted copies.
+    The lean backward keeps `x` only; autodiff of the shifted sum keeps all k*k shifted copies.
     """
+    if _lean():
+        return _lean_depthwise_conv(x, kernel, bias, dtype)
+    return _depthwise_conv(x, kernel, bias, dtype)
+
+
+def _depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
     x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
     out = bias
     for (i, j), shifted in _shifted_windows(x, kernel.shape[0]):
@@ -146,8 +189,11 @@ def _add_all(a: tuple, b: tuple) -> tuple:
     return tuple(p + q for p, q in zip(a, b, strict=True))
 
 
+_lean_depthwise_conv = functools.partial(jax.custom_vjp, nondiff_argnums=(3,))(_depthwise_conv)
+
+
 def _depthwise_conv_fwd(x, kernel, bias, dtype):
-    return depthwise_conv(x, kernel, bias, dtype), (x, kernel, bias)
+    return _depthwise_conv(x, kernel, bias, dtype), (x, kernel, bias)
 
 
 def _depthwise_conv_bwd(dtype, residuals, dy):
@@ -172,21 +218,27 @@ def _depthwise_conv_bwd(dtype, residuals, dy):
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
 
 
-depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+_lean_depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def softmax(logits: jax.Array, dtype) -> jax.Array:
     """Softmax over the last axis in at least float32, returned in `dtype`.
 
-    The backward keeps only the probabilities (which attn @ v keeps anyway), not the
+    The lean backward keeps only the probabilities (which attn @ v keeps anyway), not the
     exponentials and normalisers autodiff would keep.
     """
+    return _lean_softmax(logits, dtype) if _lean() else _softmax(logits, dtype)
+
+
+def _softmax(logits: jax.Array, dtype) -> jax.Array:
     return jax.nn.softmax(logits.astype(stats_dtype(logits.dtype)), axis=-1).astype(dtype)
 
 
+_lean_softmax = functools.partial(jax.custom_vjp, nondiff_argnums=(1,))(_softmax)
+
+
 def _softmax_fwd(logits, dtype):
-    probs = softmax(logits, dtype)
+    probs = _softmax(logits, dtype)
     return probs, (probs, jnp.zeros((0,), logits.dtype))
 
 
@@ -197,4 +249,4 @@ def _softmax_bwd(dtype, residuals, dprobs):
     return ((p * (dp - (p * dp).sum(axis=-1, keepdims=True))).astype(like.dtype),)
 
 
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_lean_softmax.defvjp(_softmax_fwd, _softmax_bwd)

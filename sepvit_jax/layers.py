@@ -152,23 +152,6 @@ def drop_path_layer(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
     return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
 
 
-def stochastic_depth_rates(depth: tuple[int, ...], rate: float) -> list[list[float]]:
-    """Per stage, the drop-path rate of each block: 0 to `rate` linearly over all blocks.
-
-    The schedule of timm (`torch.linspace(0, rate, sum(depth))`), computed in Python floats so
-    that `sepvit_torch.model.stochastic_depth_rates` gives bit-identical rates.
-    """
-    total = sum(depth)
-    flat = [rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-    starts = [sum(depth[:s]) for s in range(len(depth))]
-    return [flat[start : start + d] for start, d in zip(starts, depth, strict=True)]
-
-
-def check_drop_path_rate(rate: float) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate!r}")
-
-
 class FeedForward(nnx.Module):
     """Pre-norm MLP of 1x1 convs (Dense on channels): norm -> fc1 -> GELU -> fc2, with dropout.
 

@@ -16,7 +16,6 @@ exactly vit-pytorch's keyword arguments: `drop_path_rate` (stochastic depth) and
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import jax
@@ -24,15 +23,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sepvit_jax.attention import DSSA
+from sepvit_jax.core.backbone import (
+    check_drop_path_rate,
+    feature_info,
+    select_stages,
+    stochastic_depth_rates,
+)
 from sepvit_jax.core.config import SepViTConfig
 from sepvit_jax.layers import (
     PEG,
     ChanLayerNorm,
     FeedForward,
     OverlappingPatchEmbed,
-    check_drop_path_rate,
     drop_path_layer,
-    stochastic_depth_rates,
     torch_layer_norm,
     torch_linear,
 )
@@ -257,10 +260,7 @@ class SepViT(nnx.Module):
     @property
     def feature_info(self) -> list[dict]:
         """Per stage: channels, total stride and module path (`layers.{i}`, as in torch)."""
-        return [
-            dict(num_chs=width, reduction=4 * 2**i, module=f"layers.{i}")
-            for i, width in enumerate(self.config.stage_dims)
-        ]
+        return feature_info(self.config)
 
     def features(self, x: jax.Array) -> list[jax.Array]:
         """Every stage's output map, NHWC: a multi-scale backbone for detection/segmentation."""
@@ -330,32 +330,6 @@ class SepViT(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.forward_head(self.forward_features(x))
-
-
-def select_stages(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:
-    """timm's `indices` as sorted, distinct stage indices; ValueError when out of range.
-
-    The same rule as `sepvit_torch.model.select_stages` (tests/test_backbone.py checks both).
-    """
-    if indices is None:
-        return list(range(num_stages))
-    if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
-        if not 0 < indices <= num_stages:
-            raise ValueError(f"indices={indices}: the last n stages needs 1 <= n <= {num_stages}")
-        return list(range(num_stages - int(indices), num_stages))
-    chosen = set()
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise ValueError(f"stage indices must be ints, got {i!r} in {indices!r}")
-        if not -num_stages <= i < num_stages:
-            raise ValueError(
-                f"stage index {i} is out of range for {num_stages} stages "
-                f"({-num_stages} to {num_stages - 1})"
-            )
-        chosen.add(int(i) % num_stages)
-    if not chosen:
-        raise ValueError("indices names no stage")
-    return sorted(chosen)
 
 
 def _output_layout(output_fmt: str):

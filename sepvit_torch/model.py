@@ -16,7 +16,6 @@ inside a window, h heads, n windows, i/j query/key positions.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +23,12 @@ from einops import rearrange
 from einops.layers.torch import Rearrange, Reduce
 from torch import nn
 
+from sepvit_jax.core.backbone import (
+    check_drop_path_rate,
+    feature_info,
+    select_stages,
+    stochastic_depth_rates,
+)
 from sepvit_jax.core.config import SepViTConfig
 
 
@@ -38,23 +43,6 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     keep = 1.0 - rate
     mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
     return x / keep * mask
-
-
-def stochastic_depth_rates(depth: tuple[int, ...], rate: float) -> list[list[float]]:
-    """Per stage, the drop-path rate of each block: 0 to `rate` linearly over all blocks.
-
-    timm's `torch.linspace(0, rate, sum(depth))` in Python floats, bit-identical to
-    `sepvit_jax.layers.stochastic_depth_rates` (sepvit_torch does not import JAX).
-    """
-    total = sum(depth)
-    flat = [rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
-    starts = [sum(depth[:s]) for s in range(len(depth))]
-    return [flat[start : start + d] for start, d in zip(starts, depth, strict=True)]
-
-
-def check_drop_path_rate(rate: float) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate!r}")
 
 
 class ChanLayerNorm(nn.Module):
@@ -310,10 +298,7 @@ class SepViT(nn.Module):
     @property
     def feature_info(self) -> list[dict]:
         """Per stage: channels, total stride and module name (`layers.{i}`)."""
-        return [
-            dict(num_chs=width, reduction=4 * 2**i, module=f"layers.{i}")
-            for i, width in enumerate(self.config.stage_dims)
-        ]
+        return feature_info(self.config)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's output feature map (NCHW), e.g. for a detection/segmentation neck."""
@@ -378,29 +363,3 @@ class SepViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def select_stages(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:
-    """timm's `indices` as sorted, distinct stage indices; ValueError when out of range.
-
-    The same rule as `sepvit_jax.model.select_stages` (tests/test_backbone.py checks both).
-    """
-    if indices is None:
-        return list(range(num_stages))
-    if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
-        if not 0 < indices <= num_stages:
-            raise ValueError(f"indices={indices}: the last n stages needs 1 <= n <= {num_stages}")
-        return list(range(num_stages - int(indices), num_stages))
-    chosen = set()
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise ValueError(f"stage indices must be ints, got {i!r} in {indices!r}")
-        if not -num_stages <= i < num_stages:
-            raise ValueError(
-                f"stage index {i} is out of range for {num_stages} stages "
-                f"({-num_stages} to {num_stages - 1})"
-            )
-        chosen.add(int(i) % num_stages)
-    if not chosen:
-        raise ValueError("indices names no stage")
-    return sorted(chosen)

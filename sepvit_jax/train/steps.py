@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from sepvit_jax.core.config import SepViTConfig
+from sepvit_jax.kernels import lean_backward
 from sepvit_jax.model import SepViT
 from sepvit_jax.sharding import ShardingRules, batch_sharding, replicated
 from sepvit_jax.train.optim import OptimConfig, cross_entropy, make_schedule
@@ -155,7 +156,8 @@ def make_train_step(
     def loss_fn(params, rest, batch):
         # copy: fresh Variables at this trace level, so dropout may advance its RNG count.
         net = nnx.merge(graphs.train, params, rest, copy=True)
-        logits = net(batch["image"])
+        with lean_backward():  # the memory-lean backward passes (sepvit_jax.kernels)
+            logits = net(batch["image"])
         loss = cross_entropy(logits, batch["label"], num_classes, cfg.label_smoothing).mean()
         correct = (logits.argmax(-1) == batch["label"]).sum()
         _, _, new_rest = nnx.split(net, nnx.Param, ...)
