@@ -15,6 +15,8 @@ _LAZY = {
     "load": "sepvit_jax.checkpoint",
     "save": "sepvit_jax.checkpoint",
     "from_torch": "sepvit_jax.checkpoint",
+    "create_model": "sepvit_jax.registry",
+    "list_models": "sepvit_jax.registry",
     "export": "sepvit_jax.stablehlo",
     "load_exported": "sepvit_jax.stablehlo",
 }

@@ -25,7 +25,13 @@ from flax import nnx
 from sepvit_jax.core import table
 from sepvit_jax.core.config import SepViTConfig
 from sepvit_jax.core.errors import CheckpointError
-from sepvit_jax.core.format import PARAMS_DIR, atomic_directory, read_metadata, write_metadata
+from sepvit_jax.core.format import (
+    PARAMS_DIR,
+    atomic_directory,
+    read_metadata,
+    read_preprocessing,
+    write_metadata,
+)
 from sepvit_jax.core.infer import resolve_config
 from sepvit_jax.core.layouts import CURRENT, Layout
 from sepvit_jax.core.preprocessing import Preprocessing
@@ -188,8 +194,9 @@ def save(
 ) -> Path:
     """Save a `sepvit_jax.SepViT` (its config and parameters) to `directory`; returns the path.
 
-    The parameter dtype is recorded and restored by `load`. Atomic; an existing `directory` is
-    refused unless `overwrite`.
+    The model's `preprocessing` and `class_names` (see `describe`), when it has them, are saved
+    too. The parameter dtype is recorded and restored by `load`. Atomic; an existing `directory`
+    is refused unless `overwrite`.
     """
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     dtypes = sorted({np.dtype(leaf.dtype).name for leaf in jax.tree.leaves(params)})
@@ -197,12 +204,15 @@ def save(
         # The format records one parameter dtype (what `load` restores into); a mix would be
         # silently cast on load.
         raise ValueError(f"cannot save a model with mixed parameter dtypes {dtypes}; cast it first")
+    class_names = getattr(model, "class_names", None)
     return write_checkpoint(
         directory,
         model.config,
         params,
         param_dtype=dtypes[0],
         source=source or {"saved_by": "sepvit_jax.save"},
+        preprocessing=getattr(model, "preprocessing", None),
+        class_names=list(class_names) if class_names is not None else None,
         overwrite=overwrite,
     )
 
@@ -318,7 +328,17 @@ def load(directory: str | os.PathLike, *, dtype=None, param_dtype=None, seed: in
     stored = jnp.dtype(meta.get("param_dtype", "float32"))
     param_dtype = jnp.dtype(param_dtype or stored)
     dtype = jnp.dtype(dtype or meta.get("dtype") or param_dtype)
-    return model_from_params(config, params, dtype=dtype, param_dtype=param_dtype, seed=seed)
+    model = model_from_params(config, params, dtype=dtype, param_dtype=param_dtype, seed=seed)
+    describe(model, read_preprocessing(directory), meta.get("class_names"))
+    return model
+
+
+def describe(model: SepViT, preprocessing: Preprocessing | None, class_names=None) -> SepViT:
+    """Attach what the model expects and predicts (saved with it by `save`): `preprocessing`
+    (`sepvit_jax.core.preprocessing.Preprocessing`) and `class_names` (a tuple, or None)."""
+    model.preprocessing = preprocessing
+    model.class_names = tuple(class_names) if class_names is not None else None
+    return model
 
 
 def directory_state_dict(
