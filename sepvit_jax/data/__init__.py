@@ -12,7 +12,11 @@ Three datasets:
   download), upsampled to ``image_size`` once and held in memory. A fixed, stratified held-out
   split of 360 images is used for evaluation; the other 1,437 train.
 * ``imagefolder``: an ImageNet-style tree ``DIR/{train,val}/CLASS/*.jpg`` decoded with Pillow,
-  with random-resized-crop + flip for training and resize + center crop for evaluation.
+  with random-resized-crop + flip for training and resize + center crop for evaluation. Its
+  training split can add DeiT's recipe: RandAugment (``DataConfig.randaugment``), random erasing
+  (``random_erasing``) and repeated augmentation (``repeated_aug``); all draws of an example come
+  from one rng keyed on (seed, global position), so resumed runs see the same pixels. These
+  settings are errors for the other two datasets.
 * ``synthetic``: random images generated lazily per index, for benchmarking without input cost.
 
 Sharding across JAX processes (multi-host). Each global training step consumes a global batch of

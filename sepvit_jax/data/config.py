@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from sepvit_jax.data.randaugment import RandAugment
+
 DATASETS = ("digits", "imagefolder", "synthetic")
 
 
@@ -30,6 +32,17 @@ class DataConfig:
       seed: seed of the training shuffle and augmentation (the digits split does not use it).
       max_bad_fraction: imagefolder only; raise `DataError` once more than this fraction of a
         split's images turned out to be undecodable.
+      randaugment: imagefolder only; a timm RandAugment string such as
+        ``"rand-m9-mstd0.5-inc1"``, applied to training images after the random-resized crop
+        and flip, before normalisation (DeiT's order). None: no RandAugment.
+      random_erasing: imagefolder only; probability of timm's random erasing ("pixel" mode,
+        one box) of a normalised training image. 0.0: off.
+      repeated_aug: imagefolder only; DeiT's repeated augmentation: each epoch draws
+        ``num_train / repeated_aug`` images and shows each ``repeated_aug`` times, differently
+        augmented, keeping ``num_train // global_batch_size`` steps per epoch. 1: off.
+
+    The three augmentation settings are errors (not ignored) for the digits and synthetic
+    datasets, whose pipelines have no per-image randomness to apply them to.
     """
 
     name: str = "digits"
@@ -41,6 +54,9 @@ class DataConfig:
     prefetch: int = 2
     seed: int = 0
     max_bad_fraction: float = 0.01
+    randaugment: str | None = None
+    random_erasing: float = 0.0
+    repeated_aug: int = 1
 
 
 @dataclasses.dataclass
@@ -86,11 +102,50 @@ def check_config(cfg: DataConfig) -> None:
         )
     if cfg.name == "imagefolder" and not cfg.data_dir:
         raise DataError("the imagefolder dataset needs DataConfig.data_dir (the dataset root)")
+    _check_augmentation(cfg)
     if cfg.name == "synthetic":
         for field in ("num_classes", "channels"):
             value = getattr(cfg, field)
             if value is not None and (isinstance(value, bool) or value <= 0):
                 raise DataError(f"DataConfig.{field} must be a positive int, got {value!r}")
+
+
+def rand_augment(cfg: DataConfig) -> RandAugment | None:
+    """The RandAugment that ``cfg.randaugment`` names (None when unset); bicubic, ImageNet fill.
+
+    Raises:
+      DataError: for a string that is not a valid timm RandAugment config.
+    """
+    if cfg.randaugment is None:
+        return None
+    if not isinstance(cfg.randaugment, str):
+        raise DataError(f"DataConfig.randaugment must be a string or None, got {cfg.randaugment!r}")
+    try:
+        return RandAugment.from_string(cfg.randaugment)
+    except ValueError as e:
+        raise DataError(f"DataConfig.randaugment={cfg.randaugment!r}: {e}") from None
+
+
+def _check_augmentation(cfg: DataConfig) -> None:
+    rand_augment(cfg)
+    p = cfg.random_erasing
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+        raise DataError(f"DataConfig.random_erasing must be a probability in [0, 1], got {p!r}")
+    k = cfg.repeated_aug
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DataError(f"DataConfig.repeated_aug must be an int >= 1 (1: off), got {k!r}")
+    given = [
+        f"{field}={getattr(cfg, field)!r}"
+        for field, off in (("randaugment", None), ("random_erasing", 0.0), ("repeated_aug", 1))
+        if getattr(cfg, field) != off
+    ]
+    if given and cfg.name != "imagefolder":
+        # An error rather than silently ignored: a run that asked for the DeiT recipe must not
+        # train without it unnoticed.
+        raise DataError(
+            f"DataConfig.{given[0]} applies to the imagefolder dataset only, not {cfg.name}; "
+            "leave it at its default"
+        )
 
 
 def check_matches(cfg: DataConfig, info: DatasetInfo) -> DatasetInfo:

@@ -1,7 +1,8 @@
 """An ImageNet-style tree `DIR/{train,val}/CLASS/*.jpg`, decoded with Pillow.
 
-Training: random-resized-crop and horizontal flip; evaluation: resize and center crop; both
-normalised with the ImageNet mean and std. Unreadable images are skipped, counted and reported.
+Training: random-resized-crop, horizontal flip, optionally RandAugment, normalisation,
+optionally random erasing (DeiT's order); evaluation: resize and center crop, normalisation. The
+ImageNet mean and std normalise both. Unreadable images are skipped, counted and reported.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 import threading
 from pathlib import Path
@@ -19,12 +19,13 @@ import numpy as np
 from PIL import Image
 
 from sepvit_jax.data.config import DataError
+from sepvit_jax.data.erasing import random_erasing
+from sepvit_jax.data.randaugment import RandAugment
+from sepvit_jax.data.transforms import normalize, random_resized_crop_box
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _EVAL_CROP_FRACTION = 0.875
 
 
@@ -161,46 +162,9 @@ def _decode_rgb(path: str):
         return im.convert("RGB")  # convert() forces the full decode: errors surface here
 
 
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    # OSError covers UnidentifiedImageError and truncated files; the others come from broken
-    # headers of some formats and from absurd sizes.
-    return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def _normalize(img) -> np.ndarray:
-    x = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def random_resized_crop_box(
-    width: int,
-    height: int,
-    rng: np.random.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of an Inception-style random crop (torchvision's algorithm)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, left + w, top + h
-    # Fallback (rare: extreme aspect ratios): the central crop with the aspect clamped to ratio.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
+# OSError covers UnidentifiedImageError and truncated files; the others come from broken headers
+# of some formats and from absurd sizes.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +189,7 @@ class Loader:
         split = self._split()
         try:
             return _decode_rgb(split.files[index])
-        except _decode_errors() as e:
+        except _DECODE_ERRORS as e:
             split_dir = str(Path(self.root).expanduser() / self.split)
             _record_bad(
                 split_dir,
@@ -237,7 +201,8 @@ class Loader:
             )
             return e
 
-    def train_example(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def train_crop(self, index: int, rng: np.random.Generator):
+        """(PIL image, label) of file `index` (or its stand-in), randomly cropped and flipped."""
         split = self._split()
         n = len(split.files)
         # Replace an unreadable file by the next readable one (see the comment on _bad_paths);
@@ -254,7 +219,7 @@ class Loader:
         img = img.resize(size, Image.Resampling.BILINEAR, box=box)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"image": _normalize(img), "label": split.labels[i]}
+        return img, split.labels[i]
 
     def eval_example(self, position: int) -> dict[str, Any]:
         split = self._split()
@@ -278,15 +243,26 @@ class Loader:
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
         left, top = int(round((new_w - s) / 2.0)), int(round((new_h - s) / 2.0))
         img = img.crop((left, top, left + s, top + s))
-        return {"image": _normalize(img), "label": split.labels[position], "mask": np.bool_(True)}
+        return {"image": normalize(img), "label": split.labels[position], "mask": np.bool_(True)}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainExample:
+    """One augmented example, every draw from the record's `rng`; the defaults draw nothing more
+    than crop and flip, so they leave the pipeline bitwise as it was before augmentations."""
+
     loader: Loader
+    randaugment: RandAugment | None = None
+    erasing: float = 0.0  # probability of random erasing, timm's "pixel" mode
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return self.loader.train_example(index, rng)
+        img, label = self.loader.train_crop(index, rng)
+        if self.randaugment is not None:
+            img = self.randaugment(img, rng)
+        image = normalize(img)
+        if self.erasing > 0:
+            image = random_erasing(image, rng, self.erasing, mode="pixel")
+        return {"image": image, "label": label}
 
 
 @dataclasses.dataclass(frozen=True)

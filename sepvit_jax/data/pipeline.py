@@ -16,8 +16,10 @@ from sepvit_jax.data.config import (
     check_config,
     check_matches,
     local_batch,
+    rand_augment,
     seeds,
 )
+from sepvit_jax.data.repeated import RepeatedAugmentation
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
@@ -133,6 +135,19 @@ def _finish(cfg: DataConfig, ds: grain.MapDataset) -> grain.IterDataset:
     return it_ds
 
 
+def _epoch_indices(
+    cfg: DataConfig, num_train: int, steps: int, global_batch_size: int, shuffle_seed: int
+) -> grain.MapDataset:
+    """The example index of every position of an epoch, ``steps * global_batch_size`` long."""
+    # Shuffled; Grain reshuffles every epoch (index // length) itself.
+    ds = grain.MapDataset.range(num_train).shuffle(seed=shuffle_seed)
+    if cfg.repeated_aug > 1:
+        return RepeatedAugmentation(
+            ds, steps=steps, global_batch=global_batch_size, repeats=cfg.repeated_aug
+        )
+    return ds[: steps * global_batch_size]  # drop the remainder of every epoch
+
+
 def train_iterator(
     cfg: DataConfig, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
 ) -> grain.DatasetIterator:
@@ -144,7 +159,10 @@ def train_iterator(
     ``b = global_batch_size // process_count``; concatenating all processes' batches of a step
     in process order gives exactly the single-process global batch. Random augmentation is
     seeded per example and epoch, so it too is independent of ``process_count`` and
-    ``num_workers``.
+    ``num_workers``. Augmentation (``randaugment``, ``random_erasing``) draws from the same
+    per-example rng after the crop and flip; with ``repeated_aug=K`` each epoch shows
+    ``ceil(steps * global_batch_size / K)`` images ``K`` times each, the copies spread over the
+    global batch (see `sepvit_jax.data.repeated`) and augmented differently.
 
     Args:
       cfg: the data configuration.
@@ -167,17 +185,16 @@ def train_iterator(
     steps = steps_per_epoch(cfg, global_batch_size)
     info = dataset_info(cfg)
     shuffle_seed, augment_seed = seeds(cfg.seed)
-    # Indices of one epoch, shuffled; Grain reshuffles every epoch (index // length) itself.
-    ds = grain.MapDataset.range(info.num_train).shuffle(seed=shuffle_seed)
-    ds = ds[: steps * global_batch_size]  # drop the remainder of every epoch
+    ds = _epoch_indices(cfg, info.num_train, steps, global_batch_size, shuffle_seed)
     gather = _element_gather(cfg, "train", info.num_train, with_mask=False)
     if gather is None:
         readers = max(1, cfg.num_workers) * process_count
         loader = imagefolder.Loader(
             str(cfg.data_dir), "train", cfg.image_size, cfg.max_bad_fraction, readers
         )
+        example = imagefolder.TrainExample(loader, rand_augment(cfg), cfg.random_erasing)
         # Applied before sharding: the rng is keyed on the global (epoch, position) index.
-        ds = ds.random_map(imagefolder.TrainExample(loader), seed=augment_seed)
+        ds = ds.random_map(example, seed=augment_seed)
     ds = ds.batch(b, drop_remainder=True)  # `process_count` consecutive blocks form one step
     ds = ds[process_index::process_count]
     ds = ds.repeat()

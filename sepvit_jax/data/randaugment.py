@@ -250,6 +250,10 @@ class RandAugment:
             raise ValueError(f"RandAugment weight set w{self.weight_set} does not exist (only w0)")
         if self.num_layers < 0 or self.magnitude_std < 0 or not 0.0 <= self.prob <= 1.0:
             raise ValueError(f"invalid RandAugment settings: {self}")
+        usable = sum(w > 0 for w in _CHOICE_WEIGHTS_0.values())
+        if self.weight_set == 0 and self.num_layers > usable:
+            # Weighted choice is without replacement: found here, not in a worker mid-epoch.
+            raise ValueError(f"weight set w0 has {usable} ops, fewer than n{self.num_layers}")
 
     @classmethod
     def from_string(cls, config: str, **overrides) -> RandAugment:
