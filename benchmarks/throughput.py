@@ -1,7 +1,8 @@
 """One throughput measurement, run in its own process: `python -m benchmarks.throughput SPEC`.
 
 SPEC is a JSON object {config, mode, framework, device, dtype, batch, threads, repeats, iters,
-warmup, min_repeat_s}; `iters` may be null: then each timed run takes as many steps as fill
+warmup, min_repeat_s, backward ("lean", the default, or "autodiff")}; `iters` may be null: then
+each timed run takes as many steps as fill
 `min_repeat_s` seconds, judged from the warm-up steps. The result is one JSON line on stdout
 (prefixed `RESULT `) with images per second (the median of `repeats` timed runs of `iters` steps,
 plus their min and max), the first-call time `compile_s` (tracing and compilation included for
@@ -16,6 +17,7 @@ function and AdamW hyper-parameters; images are NHWC for JAX and NCHW for torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -126,6 +128,7 @@ def jax_step(spec: dict):
     from flax import nnx
 
     from sepvit_jax import SepViT, get_config
+    from sepvit_jax.kernels import lean_backward
 
     cfg = get_config(spec["config"])
     dtype = jnp.dtype(spec["dtype"])
@@ -154,10 +157,17 @@ def jax_step(spec: dict):
         opt_state = tx.init(params)
 
         # The state is donated: XLA updates parameters and moments in place.
+        # As train.py's step: the memory-lean backward passes (sepvit_jax.kernels), unless the
+        # spec asks for plain autodiff ({"backward": "autodiff"}, to measure what they buy).
+        backward = (
+            lean_backward if spec.get("backward", "lean") == "lean" else contextlib.nullcontext
+        )
+
         @jax.jit(donate_argnums=(0, 1))
         def train_step(params, opt_state, rest, images, labels):
             def loss_fn(params):
-                logits = nnx.merge(graphdef, params, rest)(images)
+                with backward():
+                    logits = nnx.merge(graphdef, params, rest)(images)
                 ce = optax.softmax_cross_entropy_with_integer_labels(
                     logits.astype(jnp.float32), labels
                 )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 
 from sepvit_jax.core.config import format_value
+from sepvit_jax.core.errors import CheckpointError
 from sepvit_jax.core.infer import Resolved
 
 _WINDOW_NOTE = " (upstream vit-pytorch always uses 7)"
@@ -26,6 +28,15 @@ class Step:
         if not self.quiet:
             seconds = time.perf_counter() - self.start
             print(" failed" if exc_type else f" done in {seconds:.1f} s", flush=True)
+
+
+def require_torch(what: str, alternative: str = "") -> None:
+    """Refuse, before any work, a command that needs torch where it is not installed."""
+    if importlib.util.find_spec("torch") is None:
+        raise CheckpointError(
+            f"{what} needs torch: pip install 'sepvit-jax[torch]'"
+            + (f" ({alternative})" if alternative else "")
+        )
 
 
 def quiet_orbax_logging() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.console import Step, quiet_orbax_logging
+from convert.console import Step, quiet_orbax_logging, require_torch
 from sepvit_jax.checkpoint import directory_state_dict
 from sepvit_jax.core.format import read_metadata
 from sepvit_jax.core.layouts import LAYOUTS
@@ -26,6 +26,8 @@ def run(args) -> int:
     if out.is_dir():
         raise IsADirectoryError(f"output {out} is a directory; give a file name with -o")
     read_metadata(directory)  # a clear error before reading any array
+    if not args.safetensors and out.suffix.lower() != ".safetensors":
+        require_torch("writing a PyTorch .pt file", "or --safetensors, which needs no torch")
     quiet_orbax_logging()
     layout = LAYOUTS[args.layout]
     with Step(f"reading {directory}"):

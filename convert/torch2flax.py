@@ -14,8 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from convert.console import Step, print_config, quiet_orbax_logging
-from convert.verify import VERIFY_RTOL, round_through, verify
+from convert.console import Step, print_config, quiet_orbax_logging, require_torch
 from sepvit_jax import checkpoint
 from sepvit_jax.core import table
 from sepvit_jax.core.format import check_target
@@ -42,6 +41,8 @@ def _convert(args) -> int:
     ckpt = Path(args.checkpoint)
     out = Path(args.output) if args.output else ckpt.with_name(ckpt.stem + "_flax")
     config_file = read_config_file(args.config) if args.config else {}
+    if args.verify:
+        require_torch("--verify (it runs the PyTorch reference model)")
     check_target(out.absolute(), args.overwrite)  # fail before the slow part
     with Step(f"reading {ckpt}"):
         state_dict, stored = read_state_dict_and_dtypes(
@@ -122,6 +123,8 @@ def _layout_note(layout: Layout, config, state_dict) -> str:
 def _verify(tmp: Path, state_dict, dtype: str, image_size: tuple[int, int]) -> None:
     # Read back what was written, in float32, against torch on the same (dtype-rounded)
     # weights: this checks the layout transforms and the files, not the precision of `dtype`.
+    from convert.verify import VERIFY_RTOL, round_through, verify  # needs torch; only here
+
     with Step("verify: running the torch and the converted Flax model"):
         model = checkpoint.load(tmp, dtype="float32", param_dtype="float32")
         weights = state_dict if dtype == "float32" else round_through(state_dict, dtype)

@@ -261,9 +261,9 @@ def test_verify_mismatch_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatc
     def mismatch(cfg, state_dict, flax_model, **kwargs):
         return verify.Verification(max_abs=0.5, max_rel=0.1, image_size=(53, 53), batch=2)
 
-    import convert.torch2flax
+    import convert.verify
 
-    monkeypatch.setattr(convert.torch2flax, "verify", mismatch)
+    monkeypatch.setattr(convert.verify, "verify", mismatch)
     status, out, err = cli(
         capsys, "torch2flax", FIXTURES / "two_stage_56.pt", "-o", tmp_path / "o", "--verify"
     )

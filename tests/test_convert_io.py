@@ -690,13 +690,13 @@ def test_save_torch_is_atomic(tmp_path, sd, monkeypatch, existing):
 
 
 def test_save_safetensors_is_atomic(tmp_path, sd, monkeypatch):
-    import safetensors.numpy
+    from sepvit_jax.core import torch_io
 
-    def broken_save_file(tensors, filename, *args, **kwargs):
-        Path(filename).write_bytes(b"\x00" * 100)
+    def broken_write(arrays, file):
+        file.write(b"\x00" * 100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", broken_save_file)
+    monkeypatch.setattr(torch_io, "write_safetensors", broken_write)
     with pytest.raises(OSError, match="disk full"):
         save_state_dict({k: v.numpy() for k, v in sd.items()}, tmp_path / "w.safetensors")
     assert _listing(tmp_path) == []

@@ -29,6 +29,7 @@ LOCAL_IMPORT_REASONS = {
     "matplotlib": "0.3 s to import; only when a run draws its curves",
     "jax": "the data package must not load JAX in Grain's worker processes",
     "sepvit_jax.checkpoint": "JAX and Orbax: sepvit_torch.load needs them only for directories",
+    "convert.verify": "torch: only `convert torch2flax --verify` runs the torch reference",
 }
 MAX_LOCAL_IMPORTS = 20
 

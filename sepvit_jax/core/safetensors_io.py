@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sepvit_jax.core.errors import CheckpointError
 
 # A header costs about 100-150 bytes per tensor: 16 MiB is over 100,000 tensors, far more than any
@@ -99,3 +101,33 @@ def _check_entry(name: str, entry: Any, data: int) -> None:
 
 def _count(value: Any) -> bool:
     return type(value) is int and 0 <= value < 1 << 63
+
+
+# ---- writing (no library needed: the format is a JSON header and raw bytes) ----------------
+
+_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(arrays: dict[str, Any], file) -> None:
+    """Write `{name: C-contiguous little-endian numpy array}` to the open binary `file`.
+
+    Needs neither torch nor the safetensors library, so a torch-free install can write files
+    torch and the safetensors library read (`safetensors.torch.load_file`).
+    """
+    header, offset = {}, 0
+    for name, array in arrays.items():
+        code = _CODES.get(array.dtype.name)
+        if code is None:
+            raise CheckpointError(f"cannot write {name!r} as safetensors: dtype {array.dtype}")
+        header[name] = {"dtype": code, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}  # fmt: skip
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    file.write(len(text).to_bytes(8, "little"))
+    file.write(text)
+    for array in arrays.values():
+        file.write(memoryview(array.reshape(-1).view(np.uint8)))

@@ -35,7 +35,7 @@ import numpy as np
 
 from sepvit_jax.core import pickles
 from sepvit_jax.core.errors import CheckpointError
-from sepvit_jax.core.safetensors_io import load_safetensors
+from sepvit_jax.core.safetensors_io import load_safetensors, write_safetensors
 from sepvit_jax.core.unwrap import SEPVIT_MARKERS, unwrap_state_dict
 
 __all__ = [
@@ -246,10 +246,10 @@ def save_state_dict(
     tmp = Path(tmp_name)
     try:
         if use_safetensors:
-            os.close(fd)
-            fd = -1
-            _write_safetensors(arrays, tmp)
-            with open(tmp, "rb+") as f:
+            with os.fdopen(fd, "wb") as f:
+                fd = -1  # the file object owns it now
+                write_safetensors(arrays, f)
+                f.flush()
                 os.fsync(f.fileno())
         else:
             torch = _import_torch()
@@ -273,16 +273,6 @@ def _to_torch(torch, array: np.ndarray):
     if array.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: torch.from_numpy rejects it
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
-
-
-def _write_safetensors(arrays: Mapping[str, np.ndarray], path: Path) -> None:
-    try:
-        from safetensors.numpy import save_file
-    except ImportError:
-        raise CheckpointError(
-            "writing .safetensors files needs safetensors: pip install safetensors"
-        ) from None
-    save_file(dict(arrays), str(path))
 
 
 def _apply_umask(path: Path) -> None:
