@@ -1,4 +1,4 @@
-"""The PNG of a run's curves: train loss and test accuracy against the step, from metrics.jsonl."""
+"""The PNG of a run's curves: loss, accuracy and learning rate against the step (metrics.jsonl)."""
 
 from __future__ import annotations
 
@@ -28,23 +28,32 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_curves(rows: list[dict], out: str | Path, title: str = "") -> None:
-    """Writes a two-panel figure: train loss (left) and test accuracy (right) per step."""
+    """Writes a three-panel figure against the step: train and test loss, train and test
+    accuracy (and the moving average's, when the run keeps one), the learning rate."""
     if _preloading is not None:
         _preloading.join()  # import matplotlib in one thread at a time
     # Lazy, and without pyplot (its import and backend set-up cost more than the drawing): a
     # bare Figure renders with the Agg canvas.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.5), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    train = [r for r in rows if "train_loss" in r]
-    test = [r for r in rows if "test_accuracy" in r]
-    ax_loss.plot([r["step"] for r in train], [r["train_loss"] for r in train], marker=".")
-    ax_loss.set(xlabel="step", ylabel="train loss", title="loss")
-    ax_acc.plot([r["step"] for r in test], [r["test_accuracy"] for r in test], marker=".")
-    ax_acc.set(xlabel="step", ylabel="test accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    fig = Figure(figsize=(13, 3.5), layout="constrained")
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    panels = (
+        (ax_loss, "loss", [("train_loss", "train"), ("test_loss", "test"),
+                           ("ema_test_loss", "test (EMA)")]),
+        (ax_acc, "accuracy", [("train_accuracy", "train"), ("test_accuracy", "test"),
+                              ("ema_test_accuracy", "test (EMA)")]),
+        (ax_lr, "learning rate", [("lr", None)]),
+    )  # fmt: skip
+    for ax, name, curves in panels:
+        for key, label in curves:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=label)
+        ax.set(xlabel="step", ylabel=name, title=name)
         ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend()
     if title:
         fig.suptitle(title)
     tmp = Path(out).with_suffix(".tmp.png")

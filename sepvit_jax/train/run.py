@@ -15,28 +15,33 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 
 import jax
 
 from sepvit_jax import data, sharding
-from sepvit_jax.core.config import SepViTConfig
-from sepvit_jax.train import hosts, plotting, startup, steps
+from sepvit_jax.train import compile_cache, describe, hosts, plotting, settle, startup, steps
 from sepvit_jax.train.checkpoints import Checkpoints
-from sepvit_jax.train.config import ConfigError, TrainConfig, model_config, parse_args
+from sepvit_jax.train.config import ConfigError, TrainConfig, parse_args
 from sepvit_jax.train.loop import Diverged, Loop, evaluate
+from sepvit_jax.train.mixing import Mixing
 from sepvit_jax.train.optim import make_optimizer
 from sepvit_jax.train.rundir import RunDir
-from sepvit_jax.train.weights import export_model, init_from
+from sepvit_jax.train.weights import better_of, export_model
 
 
 def run(cfg: TrainConfig) -> int:
+    started = time.perf_counter()
     cfg.check()
+    compile_cache.configure(cfg.compile_cache)  # before anything compiles
     # ---- hosts ----
     hosts.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    main = hosts.is_main()
     # ---- mesh ----
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_size(cfg.batch_size, mesh, cfg.grad_accum)
     # ---- data ----
+    cfg = settle.image_size(cfg, main)
     data_cfg = cfg.data_config()
     info = data.dataset_info(data_cfg)
     steps_per_epoch = data.steps_per_epoch(data_cfg, cfg.batch_size)
@@ -44,39 +49,21 @@ def run(cfg: TrainConfig) -> int:
     batch_sharding = sharding.batch_sharding(mesh)
     # ---- model and state ----
     run_dir = RunDir(cfg)
-    continuing = _check_continuation(cfg, run_dir)
-    model_cfg, given_params = _model(cfg, info, run_dir, continuing)
-    if cfg.stop_at_step is not None and cfg.stop_at_step > total_steps and run_dir.main:
-        print(
-            f"note: --stop-at-step {cfg.stop_at_step} is past the end ({total_steps})",
-            file=sys.stderr,
-        )
+    continuing = settle.check_continuation(cfg, run_dir)
+    model_cfg, given_params = settle.model(cfg, info, run_dir, continuing)
     optim_cfg = cfg.optim_config(steps_per_epoch)
     if not (continuing or cfg.eval_only):
-        run_dir.start(cfg, _resolved(model_cfg, steps_per_epoch, optim_cfg, mesh))
+        resolved = settle.resolved(cfg, model_cfg, info, steps_per_epoch, optim_cfg, mesh)
+        settle.start(cfg, run_dir, model_cfg, resolved)
+    if main and not cfg.eval_only:
+        settle.notes(cfg, info, steps_per_epoch, total_steps)
     optimizer = make_optimizer(optim_cfg)
-    plan = steps.plan_state(
-        model_cfg, optimizer, mesh, seed=cfg.seed, dtype=cfg.dtype, params=given_params
-    )
+    options = steps.ModelOptions(cfg.drop_path_rate, cfg.remat)
+    plan = steps.plan_state(model_cfg, optimizer, mesh, seed=cfg.seed, dtype=cfg.dtype,
+                            params=given_params, options=options,
+                            ema=cfg.ema_decay > 0)  # fmt: skip
     # ---- steps ----
-    train_step = None
-    if not cfg.eval_only:
-        train_step = steps.make_train_step(plan.graphs, optimizer, optim_cfg, plan.shardings, mesh)
-    eval_step = steps.make_eval_step(plan.graphs, plan.shardings, mesh)
-    batch = functools.partial(steps.batch_spec, model_cfg, cfg.batch_size, cfg.image_size, mesh)
-    state, train_step, eval_step = startup.prepare(
-        plan,
-        train_step,
-        (plan.shapes, batch()),
-        eval_step,
-        (
-            plan.shapes["params"],
-            plan.shapes["rest"],
-            batch(eval=True),
-            steps.eval_totals_spec(mesh),
-        ),
-        build_state=not continuing,
-    )
+    state, train_step, eval_step = _compile(cfg, plan, optimizer, optim_cfg, mesh, continuing)
     score = functools.partial(evaluate, eval_step, data_cfg=data_cfg, batch_size=cfg.batch_size,
                               batch_sharding=batch_sharding)  # fmt: skip
     checkpoints = Checkpoints(run_dir.checkpoints, keep=cfg.keep, create=not cfg.eval_only)
@@ -88,26 +75,22 @@ def run(cfg: TrainConfig) -> int:
     )
     try:
         if continuing:
-            state, step = checkpoints.restore(state, plan.shardings, train_iter)
-            if run_dir.main:
-                print(f"restored {run_dir.path} at step {step}", file=sys.stderr)
-            if cfg.resume:
-                run_dir.truncate_metrics(step)
+            state = _restore(cfg, run_dir, checkpoints, state, plan, train_iter)
         if cfg.eval_only:
-            _print_evaluation(score(state), run_dir.main)
+            _print_evaluation(score(state), main)
             return 0
         if int(jax.device_get(state["step"])) >= total_steps:
-            if run_dir.main:
+            if main:
                 print(f"run {run_dir.path} already finished at step {total_steps}", file=sys.stderr)
             return 0
         # ---- loop ----
-        if run_dir.main:
+        if main:
             plotting.preload()
-        loop = Loop(cfg, run_dir, checkpoints, steps_per_epoch, total_steps, score)
+        loop = Loop(cfg, run_dir, checkpoints, steps_per_epoch, total_steps, score, started)
         state = loop.run(state, train_step, train_iter, batch_sharding)
         # ---- export ----
         if int(jax.device_get(state["step"])) == total_steps:
-            export_model(run_dir.model, model_cfg, state, cfg.dtype)
+            _export(cfg, run_dir, model_cfg, state, loop.last_result, data_cfg, info)
         _report_unreadable()
         return 0
     finally:
@@ -117,51 +100,52 @@ def run(cfg: TrainConfig) -> int:
             train_iter.close()
 
 
-def _check_continuation(cfg: TrainConfig, run_dir: RunDir) -> bool:
-    """Whether the run continues from its own checkpoint (--resume, or --eval-only of a run)."""
-    continuing = cfg.resume or (cfg.eval_only and run_dir.has_checkpoints())
-    if cfg.eval_only and not continuing and not cfg.init_from:
-        raise ConfigError(
-            f"--eval-only: run {run_dir.path} has no checkpoint; name a run with --run-name or "
-            "give weights with --init-from"
+def _compile(cfg: TrainConfig, plan, optimizer, optim_cfg, mesh, continuing: bool):
+    """(state, train step, eval step): compiled ahead of the first batch (`startup.py`)."""
+    train_step = None
+    if not cfg.eval_only:
+        mixing = Mixing(cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.seed)
+        train_step = steps.make_train_step(
+            plan.graphs, optimizer, optim_cfg, plan.shardings, mesh, mixing=mixing
         )
-    if cfg.resume and not run_dir.has_checkpoints():
-        raise ConfigError(f"--resume: no checkpoint to resume from in {run_dir.checkpoints}")
-    return continuing
+    eval_step = steps.make_eval_step(plan.graphs, plan.shardings, mesh)
+    model_cfg = plan.graphs.config
+    batch = functools.partial(steps.batch_spec, model_cfg, cfg.batch_size, cfg.image_size, mesh)
+    shapes = plan.shapes
+    eval_args = (shapes["params"], shapes["rest"], batch(eval=True), steps.eval_totals_spec(mesh))
+    return startup.prepare(plan, train_step, (shapes, batch()), eval_step, eval_args,
+                           build_state=not continuing)  # fmt: skip
 
 
-def _model(cfg: TrainConfig, info, run_dir: RunDir, continuing: bool):
-    """(SepViTConfig, initial parameters or None): the run's own, --init-from's, or --model's."""
-    if continuing:
-        model_cfg, params = run_dir.saved_model(), None
-    elif cfg.init_from:
-        model_cfg, params = init_from(cfg.init_from, info.num_classes, info.channels)
-    else:
-        model_cfg = model_config(cfg.model, num_classes=info.num_classes, channels=info.channels)
-        params = None
-    try:
-        model_cfg.check_image_size(cfg.image_size, cfg.image_size)  # before anything compiles
-    except ValueError as err:
-        raise ConfigError(f"--image-size {cfg.image_size} does not fit the model: {err}") from None
-    return model_cfg, params
+def _restore(cfg: TrainConfig, run_dir: RunDir, checkpoints, state, plan, train_iter):
+    state, step = checkpoints.restore(state, plan.shardings, train_iter)
+    if run_dir.main:
+        print(f"restored {run_dir.path} at step {step}", file=sys.stderr)
+    if cfg.resume:
+        run_dir.truncate_metrics(step)
+    return state
 
 
-def _resolved(model_cfg: SepViTConfig, steps_per_epoch: int, optim_cfg, mesh) -> dict:
-    """What the settings came to, recorded in config.json (the model is reused on --resume)."""
-    return {
-        "model": model_cfg.to_dict(),
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": optim_cfg.total_steps,
-        "warmup_steps": optim_cfg.warmup_steps,
-        "mesh": dict(mesh.shape),
-        "process_count": jax.process_count(),
-        "devices": [str(d) for d in jax.devices()[:8]],
-    }
+def _export(cfg, run_dir: RunDir, model_cfg, state, result: dict, data_cfg, info) -> None:
+    """model/: the better of the parameters and their moving average, self-describing."""
+    which, accuracies = better_of(result)
+    export_model(run_dir.model, model_cfg, state, cfg.dtype, which=which,
+                 preprocessing=describe.preprocessing(data_cfg, info.channels),
+                 class_names=info.class_names, note=accuracies)  # fmt: skip
+    name = "ema" if which == "ema" else "raw"
+    run_dir.record("exported", {"parameters": name, **accuracies})
+    if accuracies and run_dir.main:
+        raw, ema = accuracies["test_accuracy"], accuracies["ema_test_accuracy"]
+        print(f"exported the {name} parameters (test accuracy: raw {raw:.4f}, ema {ema:.4f})",
+              file=sys.stderr)  # fmt: skip
 
 
 def _print_evaluation(result: dict, main: bool) -> None:
     if main:
         print(f"test loss {result['test_loss']:.4f}")
+        if "ema_test_accuracy" in result:
+            print(f"moving average (EMA): test loss {result['ema_test_loss']:.4f}, test accuracy "
+                  f"{result['ema_test_accuracy']:.4f}")  # fmt: skip
         print(f"final test accuracy: {result['test_accuracy']:.4f}")
 
 

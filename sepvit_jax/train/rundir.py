@@ -1,8 +1,12 @@
 """runs/NAME/: the run directory and the files process 0 writes there.
 
 runs/NAME/config.json     the TrainConfig (reusable with --config), plus what it resolved to
-runs/NAME/metrics.jsonl   one JSON row per log point (train loss/accuracy, test metrics, lr)
-runs/NAME/curves.png      loss and accuracy curves
+                          ("resolved"; at the end also which parameters were exported)
+runs/NAME/metrics.jsonl   one JSON row per log point: step, epoch, lr, train loss/accuracy/
+                          gradient norm, test (and EMA) metrics at epoch ends, wall time since
+                          the start of this invocation ("time", s) and training images/s since
+                          the previous row; floats to 6 significant digits
+runs/NAME/curves.png      loss, accuracy and learning-rate curves
 runs/NAME/checkpoints/    Orbax: train state + data iterator position (`checkpoints.py`)
 runs/NAME/model/          the final model, `sepvit_jax.load`-able (`weights.py`)
 """
@@ -11,7 +15,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+import os
 from pathlib import Path
+from typing import Any
 
 from sepvit_jax.core.config import SepViTConfig
 from sepvit_jax.train import plotting
@@ -35,6 +42,13 @@ class RunDir:
             p.name.isdigit() for p in self.checkpoints.iterdir()
         )
 
+    def saved_settings(self) -> dict:
+        """The run's config.json as saved ({} when there is none)."""
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
     def saved_model(self) -> SepViTConfig:
         """The model a run was started with (its config.json), for --resume / --eval-only."""
         try:
@@ -53,8 +67,15 @@ class RunDir:
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             config = {**json.loads(cfg.to_json()), "resolved": resolved}
-            (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            _write_json(self.path / "config.json", config)
             (self.path / "metrics.jsonl").write_text("")
+
+    def record(self, key: str, value: Any) -> None:
+        """Adds `key` to config.json's "resolved" (e.g. which parameters were exported)."""
+        if self.main:
+            config = json.loads((self.path / "config.json").read_text())
+            config.setdefault("resolved", {})[key] = value
+            _write_json(self.path / "config.json", config)
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: forget the rows logged after the restored checkpoint."""
@@ -66,8 +87,9 @@ class RunDir:
 
     def log(self, row: dict) -> None:
         if self.main:
+            rounded = {k: _significant(v) for k, v in row.items()}
             with open(self.path / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(rounded) + "\n")
 
     def plot(self) -> None:
         metrics = self.path / "metrics.jsonl"
@@ -75,3 +97,17 @@ class RunDir:
             rows = plotting.read_metrics(metrics)
             if rows:
                 plotting.plot_curves(rows, self.path / "curves.png", title=self.name)
+
+
+def _significant(value: Any, digits: int = 6) -> Any:
+    """Floats to `digits` significant digits (float32 metrics carry about 7)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Whole or not at all: a reader never sees half a config.json."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

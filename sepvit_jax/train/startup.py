@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 
-from sepvit_jax.train.steps import StatePlan
+from sepvit_jax.train.state import StatePlan
 
 _FAST_INIT_OPTIONS = {
     "all": {"xla_backend_optimization_level": 0},

@@ -1,119 +1,41 @@
-"""The train state and the jitted train and eval steps of SepViT training.
+"""The jitted train and eval steps of SepViT training.
 
-The train state is one pytree, placed on the mesh by `sharding.ShardingRules`:
-
-    {"step": int32 scalar, "params": nnx.State (float32), "rest": nnx.State (e.g. dropout RNG),
-     "opt": optax state (moments shaped like params, so sharded like them)}
-
-Batches are dicts of NHWC arrays, `image (B, H, W, C)`, `label (B,)` (and `mask (B,)` for eval),
-sharded along B over every device. Each step is a single `jax.jit` with explicit in/out
-shardings; the train step donates the state, so parameters are updated in place.
+The train state is one pytree (`state.py`): step counter, parameters, RNG state, optimiser
+state and, optionally, the parameters' moving average. Batches are dicts of NHWC arrays,
+`image (B, H, W, C)`, `label (B,)` (and `mask (B,)` for eval), sharded along B over every
+device. Each step is a single `jax.jit` with explicit in/out shardings; the train step donates
+the state, so parameters are updated in place.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from sepvit_jax.core.config import SepViTConfig
 from sepvit_jax.kernels import lean_backward
-from sepvit_jax.model import SepViT
-from sepvit_jax.sharding import ShardingRules, batch_sharding, replicated
-from sepvit_jax.train.optim import OptimConfig, cross_entropy, make_schedule
+from sepvit_jax.sharding import batch_sharding, replicated
+from sepvit_jax.train.mixing import Mixing
+from sepvit_jax.train.optim import (
+    OptimConfig,
+    cross_entropy,
+    ema_update,
+    make_schedule,
+    soft_cross_entropy,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelGraphs:
-    """The static halves of a SepViT (NNX graph definitions), in training and in eval mode."""
-
-    config: SepViTConfig
-    train: Any
-    eval: Any
-
-
-def _build(config: SepViTConfig, dtype: str, key: jax.Array) -> SepViT:
-    params_key, dropout_key = jax.random.split(key)
-    rngs = nnx.Rngs(params=params_key, dropout=dropout_key)
-    # Parameters always float32; `dtype` is the compute dtype.
-    return SepViT.from_config(config, rngs=rngs, dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
-
-
-def model_graphs(config: SepViTConfig, dtype: str = "float32") -> ModelGraphs:
-    """The graph definitions, without allocating or initialising anything."""
-    model = nnx.eval_shape(lambda: _build(config, dtype, jax.random.key(0)))
-    train_graph, _, _ = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    eval_graph, _, _ = nnx.split(model, nnx.Param, ...)
-    return ModelGraphs(config, train_graph, eval_graph)
-
-
-@dataclasses.dataclass(frozen=True)
-class StatePlan:
-    """The train state before any of it exists: its graphs, shapes and shardings.
-
-    `build(compiler_options)` compiles the init program and runs it once: the state, sharded.
-    `shapes` (with `shardings`) is also the target a checkpoint restores into.
-    """
-
-    graphs: ModelGraphs
-    shapes: dict
-    shardings: dict
-    build: Callable[[Mapping[str, Any] | None], dict]
-
-
-def plan_state(
-    config: SepViTConfig,
-    optimizer: optax.GradientTransformation,
-    mesh,
-    *,
-    seed: int,
-    dtype: str = "float32",
-    rules: ShardingRules = ShardingRules(),  # noqa: B008 (frozen, immutable)
-    params: Mapping | None = None,
-) -> StatePlan:
-    """Plans the sharded train state, built inside one jit (eager NNX init compiles every op).
-
-    Args:
-      params: optional initial parameters replacing the random ones (a pure dict of host
-        arrays, e.g. converted weights every process has read).
-    """
-
-    def init(key, given):
-        _, fresh, rest = nnx.split(_build(config, dtype, key), nnx.Param, ...)
-        if given is not None:
-            nnx.replace_by_pure_dict(fresh, given)
-        return {"step": jnp.zeros((), jnp.int32), "params": fresh, "rest": rest,
-                "opt": optimizer.init(fresh)}  # fmt: skip
-
-    key = jax.random.key(seed)
-    shapes = jax.eval_shape(init, key, params)
-    shardings = rules.shardings(shapes, mesh)
-
-    def build(compiler_options: Mapping[str, Any] | None = None) -> dict:
-        given, given_shardings = None, None
-        if params is not None:
-            # Host copies become global arrays laid out like the state, each process supplying
-            # its own shards.
-            given_shardings = nnx.to_pure_dict(shardings["params"])
-            given = jax.tree.map(_global_array, dict(params), given_shardings)
-        jitted = jax.jit(
-            init, in_shardings=(replicated(mesh), given_shardings), out_shardings=shardings
-        )
-        return jitted.lower(key, given).compile(compiler_options)(key, given)
-
-    return StatePlan(model_graphs(config, dtype), shapes, shardings, build)
-
-
-def _global_array(value, sharding) -> jax.Array:
-    host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+# The state's plan lives in state.py; these names stay importable from here.
+from sepvit_jax.train.state import (  # noqa: F401
+    ModelGraphs,
+    ModelOptions,
+    StatePlan,
+    model_graphs,
+    plan_state,
+)
 
 
 def batch_spec(
@@ -144,11 +66,16 @@ def make_train_step(
     cfg: OptimConfig,
     state_shardings,
     mesh,
+    *,
+    mixing: Mixing = Mixing(),  # noqa: B008 (frozen, immutable)
 ) -> Callable:
     """`step(state, batch) -> (state, metrics)`: one jitted update, the state donated.
 
     With `cfg.grad_accum = N` the batch is cut into N micro-batches (example i goes to
-    micro-batch i % N, so each device keeps its own rows) whose gradients are averaged.
+    micro-batch i % N, so each device keeps its own rows) whose gradients are averaged. With
+    `mixing` on, the whole batch is mixed first and the loss is against its soft targets (the
+    accuracy: of the targets' argmax). With `cfg.ema_decay` > 0 the state's "ema" follows
+    the updated parameters.
     """
     num_classes = graphs.config.num_classes
     schedule = make_schedule(cfg)
@@ -158,8 +85,12 @@ def make_train_step(
         net = nnx.merge(graphs.train, params, rest, copy=True)
         with lean_backward():  # the memory-lean backward passes (sepvit_jax.kernels)
             logits = net(batch["image"])
-        loss = cross_entropy(logits, batch["label"], num_classes, cfg.label_smoothing).mean()
-        correct = (logits.argmax(-1) == batch["label"]).sum()
+        if "target" in batch:  # soft targets (mixup/cutmix), label smoothing folded in
+            loss = soft_cross_entropy(logits, batch["target"]).mean()
+            correct = (logits.argmax(-1) == batch["target"].argmax(-1)).sum()
+        else:
+            loss = cross_entropy(logits, batch["label"], num_classes, cfg.label_smoothing).mean()
+            correct = (logits.argmax(-1) == batch["label"]).sum()
         _, _, new_rest = nnx.split(net, nnx.Param, ...)
         return loss, (new_rest, correct)
 
@@ -188,19 +119,24 @@ def make_train_step(
 
     def step(state, batch):
         params = state["params"]
+        if mixing.on:
+            batch = mixing(batch, state["step"], num_classes, cfg.label_smoothing)
         gradients = grad_fn if cfg.grad_accum == 1 else accumulated
         (loss, (rest, correct)), grads = gradients(params, state["rest"], batch)
         updates, opt = optimizer.update(grads, state["opt"], params)
         metrics = {
             "loss": loss,
-            "accuracy": correct / batch["label"].shape[0],
+            "accuracy": correct / batch["image"].shape[0],
             "grad_norm": optax.tree.norm(grads),
             # The learning rate this step used, for the log (the schedule evaluated on the host
             # would compile a handful of eager ops: 0.3 s of a 15 s run).
             "lr": schedule(state["step"]),
         }
         new_params = optax.apply_updates(params, updates)
-        return {"step": state["step"] + 1, "params": new_params, "rest": rest, "opt": opt}, metrics
+        new_state = {"step": state["step"] + 1, "params": new_params, "rest": rest, "opt": opt}
+        if "ema" in state:
+            new_state["ema"] = ema_update(state["ema"], new_params, cfg.ema_decay)
+        return new_state, metrics
 
     return jax.jit(
         step,

@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 
 from sepvit_jax.checkpoint import restore_params, write_checkpoint
 from sepvit_jax.core.config import SepViTConfig
+from sepvit_jax.core.preprocessing import Preprocessing
 from sepvit_jax.train.config import ConfigError
 from sepvit_jax.train.hosts import is_main
 
@@ -45,10 +46,26 @@ def init_from(path: str, num_classes: int, channels: int) -> tuple[SepViTConfig,
     return config.replace(num_classes=num_classes), params
 
 
-def export_model(directory: Path, config: SepViTConfig, state: dict, dtype: str) -> None:
-    """Writes the final parameters as a `sepvit_jax.save` directory (process 0 writes)."""
+def export_model(
+    directory: Path,
+    config: SepViTConfig,
+    state: dict,
+    dtype: str,
+    *,
+    which: str = "params",
+    preprocessing: Preprocessing | None = None,
+    class_names: list[str] | None = None,
+    note: dict | None = None,
+) -> None:
+    """Writes `state[which]` (the parameters, or their moving average "ema") as a
+    `sepvit_jax.save` directory that describes its input and classes (process 0 writes).
+
+    Args:
+      preprocessing, class_names: what the model expects and predicts (sepvit.json).
+      note: more to record in sepvit.json's "source" (e.g. the accuracies behind `which`).
+    """
     # Every process joins the gather (parameters may be sharded across hosts).
-    params = multihost_utils.process_allgather(nnx.to_pure_dict(state["params"]), tiled=True)
+    params = multihost_utils.process_allgather(nnx.to_pure_dict(state[which]), tiled=True)
     if is_main():
         write_checkpoint(
             directory,
@@ -60,8 +77,22 @@ def export_model(directory: Path, config: SepViTConfig, state: dict, dtype: str)
                 "trained_by": "train.py",
                 "run": str(directory.parent),
                 "step": int(jax.device_get(state["step"])),
+                "parameters": "ema" if which == "ema" else "raw",
+                **(note or {}),
             },
+            preprocessing=preprocessing,
+            class_names=class_names,
             overwrite=True,
         )
         print(f"saved the final model to {directory}", file=sys.stderr)
     multihost_utils.sync_global_devices("sepvit_export_model")
+
+
+def better_of(result: dict) -> tuple[str, dict]:
+    """("params" or "ema", what decided it) from the last evaluation: the moving average only
+    when its test accuracy is strictly higher."""
+    if "ema_test_accuracy" not in result:
+        return "params", {}
+    raw, ema = result["test_accuracy"], result["ema_test_accuracy"]
+    which = "ema" if ema > raw else "params"
+    return which, {"test_accuracy": raw, "ema_test_accuracy": ema}
