@@ -44,7 +44,8 @@ def run(cfg: TrainConfig) -> int:
     cfg = settle.image_size(cfg, main)
     data_cfg = cfg.data_config()
     info = data.dataset_info(data_cfg)
-    steps_per_epoch = data.steps_per_epoch(data_cfg, cfg.batch_size)
+    # Evaluation alone has no schedule (its training set may even be smaller than a batch).
+    steps_per_epoch = 1 if cfg.eval_only else data.steps_per_epoch(data_cfg, cfg.batch_size)
     total_steps = cfg.total_steps(steps_per_epoch)
     batch_sharding = sharding.batch_sharding(mesh)
     # ---- model and state ----
@@ -67,12 +68,14 @@ def run(cfg: TrainConfig) -> int:
     score = functools.partial(evaluate, eval_step, data_cfg=data_cfg, batch_size=cfg.batch_size,
                               batch_sharding=batch_sharding)  # fmt: skip
     checkpoints = Checkpoints(run_dir.checkpoints, keep=cfg.keep, create=not cfg.eval_only)
-    train_iter = data.train_iterator(
-        data_cfg,
-        global_batch_size=cfg.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    train_iter = None
+    if not cfg.eval_only:
+        train_iter = data.train_iterator(
+            data_cfg,
+            global_batch_size=cfg.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     try:
         if continuing:
             state = _restore(cfg, run_dir, checkpoints, state, plan, train_iter)
