@@ -332,6 +332,7 @@ def test_init_from_a_converted_checkpoint(tmp_path, capsys, converted_rect_gray)
     # Digits has 10 classes: the converted body is kept and a zero head is made. lr 0: the
     # exported model is exactly the initial state.
     args = ["--init-from", str(converted_rect_gray), "--steps", "2", "--lr", "0"]
+    args += ["--image-size", "56"]  # the converted record names 224, the converter's default
     assert main(["--batch-size", "16", "--runs-dir", str(tmp_path), "--run-name", "ft", *args]) == 0
     assert "new zero-initialised 10-class head" in capsys.readouterr().err
     source = nnx.to_pure_dict(nnx.state(sepvit_jax.load(converted_rect_gray), nnx.Param))
@@ -343,7 +344,7 @@ def test_init_from_a_converted_checkpoint(tmp_path, capsys, converted_rect_gray)
     assert head["fc"]["kernel"].shape == (32, 10) and not np.any(head["fc"]["kernel"])
     # --eval-only on the converted weights: a zero head predicts class 0 for all 360 images.
     args = ["--init-from", str(converted_rect_gray), "--eval-only", "--runs-dir", str(tmp_path)]
-    assert main([*args, "--run-name", "ev"]) == 0
+    assert main([*args, "--run-name", "ev", "--image-size", "56"]) == 0
     assert "final test accuracy: 0.1000" in capsys.readouterr().out
     assert not (tmp_path / "ev").exists()
     # The fine-tuning run continues from its own checkpoint (the converted architecture, not the

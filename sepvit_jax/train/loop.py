@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from sepvit_jax import data as data_lib
 from sepvit_jax import sharding
+from sepvit_jax.train.rundir import significant
 
 # With the default --checkpoint-every 0 (epoch ends), checkpoints are at least this far apart;
 # the end of the run and a stop request always save.
@@ -250,6 +251,7 @@ class Loop:
             return
         epochs = math.ceil(self.total / self.steps_per_epoch)
         epoch = math.ceil(step / self.steps_per_epoch)
+        row = {k: significant(v) for k, v in row.items()}
         ema = f"  ema acc {row['ema_test_accuracy']:.4f}" if "ema_test_accuracy" in row else ""
         print(
             f"epoch {epoch}/{epochs}  train loss {row['train_loss']:.4f}  "
@@ -276,4 +278,5 @@ class Loop:
                 file=sys.stderr,
             )
         elif self.last_result is not None:
-            print(f"final test accuracy: {self.last_result['test_accuracy']:.4f}", flush=True)
+            accuracy = significant(self.last_result["test_accuracy"])
+            print(f"final test accuracy: {accuracy:.4f}", flush=True)

@@ -26,7 +26,7 @@ from sepvit_jax.train.config import ConfigError, TrainConfig, parse_args
 from sepvit_jax.train.loop import Diverged, Loop, evaluate
 from sepvit_jax.train.mixing import Mixing
 from sepvit_jax.train.optim import make_optimizer
-from sepvit_jax.train.rundir import RunDir
+from sepvit_jax.train.rundir import RunDir, significant
 from sepvit_jax.train.weights import better_of, export_model
 
 
@@ -144,6 +144,7 @@ def _export(cfg, run_dir: RunDir, model_cfg, state, result: dict, data_cfg, info
 
 
 def _print_evaluation(result: dict, main: bool) -> None:
+    result = {k: significant(v) for k, v in result.items()}  # the figures a run logs
     if main:
         print(f"test loss {result['test_loss']:.4f}")
         if "ema_test_accuracy" in result:

@@ -87,7 +87,7 @@ class RunDir:
 
     def log(self, row: dict) -> None:
         if self.main:
-            rounded = {k: _significant(v) for k, v in row.items()}
+            rounded = {k: significant(v) for k, v in row.items()}
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rounded) + "\n")
 
@@ -99,8 +99,9 @@ class RunDir:
                 plotting.plot_curves(rows, self.path / "curves.png", title=self.name)
 
 
-def _significant(value: Any, digits: int = 6) -> Any:
-    """Floats to `digits` significant digits (float32 metrics carry about 7)."""
+def significant(value: Any, digits: int = 6) -> Any:
+    """Floats to `digits` significant digits (float32 metrics carry about 7): as logged, and
+    as printed (so that a printed figure is the logged one's, never rounded twice)."""
     if isinstance(value, float) and math.isfinite(value):
         return float(f"{value:.{digits}g}")
     return value
