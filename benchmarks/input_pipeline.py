@@ -1,19 +1,21 @@
 """Benchmark: images per second of the imagefolder training pipeline, full DeiT recipe, 224 px.
 
-Writes ImageNet-like JPEGs (about 500x375, ~110 KB at quality 90: smooth colour fields, shapes,
+Writes ImageNet-like JPEGs (about 500x375, ~100 KB at quality 90: smooth colour fields, shapes,
 blur and multi-scale grain, so decoding costs what it costs for photos) into a temporary
 `train/CLASS/` tree, then reads it with `sepvit_jax.data.train_iterator` at 224 px with decode,
 random-resized crop, flip, RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25, for each
 number of Grain worker processes (0: in the training process, with `prefetch` threads).
 
-    python -m benchmarks.input_pipeline [--images 512] [--workers 0,1,2] [--json FILE]
+    python -m benchmarks.input_pipeline [--images 512] [--workers 0,1,2] [--rounds 3] [--json FILE]
 
 Per setting: the first batches (worker start-up, filling the prefetch buffers) are excluded,
-then `--batches` batches are timed; img/s is per training process. CPU s/img is the CPU time of
-this process and all its descendants (the workers) over the timed window, per image; divided
-into an accelerator's training rate it gives the host cores that accelerator needs. A
-single-threaded breakdown by stage follows. The files sit in the page cache: this measures CPU,
-not disk. Progress goes to stderr; the table to stdout.
+then `--batches` batches are timed; the settings take turns for `--rounds` rounds and the
+median is reported. img/s is per training process. CPU s/img is the CPU time of this process
+and all its descendants (the workers) over the timed window, per image; times an accelerator's
+training rate (img/s) it gives the host cores that accelerator needs. Cores used is that CPU
+time per second of the window; other cores busy, the rest of the machine's (near 0 when nothing
+else ran). A single-threaded breakdown by stage follows. The files sit in the page cache: this
+measures CPU, not disk. Progress goes to stderr; the table to stdout.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +41,7 @@ RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25}
 # JAX sepvit_tiny training on one H200, bf16, batch 128 (benchmarks/results/h200-2026-11-27).
 H200_TINY_TRAIN_IMG_S = 5528.0
 _SIZES = ((500, 375), (500, 375), (375, 500), (500, 333))  # ImageNet's common shapes
-_GRAIN = 16.0  # std of the added grain: tuned so the files average ~110 KB, as ImageNet's do
+_GRAIN = 16.0  # std of the grain: files average ~100 KB (ImageNet train JPEGs: ~110 KB)
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -102,6 +105,14 @@ def tree_cpu_seconds() -> float:
     return sum(times.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(root: Path, workers: int, args: argparse.Namespace) -> dict:
     """img/s and CPU s/img of `train_iterator` with `workers` Grain workers, warm-up excluded."""
     from sepvit_jax import data
@@ -117,7 +128,8 @@ def measure(root: Path, workers: int, args: argparse.Namespace) -> dict:
     try:
         for _ in range(warmup):
             next(it)
-        start, cpu = time.perf_counter(), tree_cpu_seconds()
+        load_before = os.getloadavg()[0]
+        start, cpu, busy = time.perf_counter(), tree_cpu_seconds(), machine_busy_seconds()
         for i in range(args.batches):
             next(it)
             rate = (i + 1) * args.batch / (time.perf_counter() - start)
@@ -126,6 +138,7 @@ def measure(root: Path, workers: int, args: argparse.Namespace) -> dict:
                 end="", file=sys.stderr, flush=True,
             )  # fmt: skip
         seconds, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu
+        busy = machine_busy_seconds() - busy
     finally:
         if hasattr(it, "close"):
             it.close()
@@ -138,7 +151,12 @@ def measure(root: Path, workers: int, args: argparse.Namespace) -> dict:
         "img_per_s": round(n / seconds, 1),
         "cpu_s_per_img": round(cpu / n, 5),
         "warmup_batches": warmup,
-        "load_avg": round(os.getloadavg()[0], 2),
+        # Cores this benchmark's processes kept busy, and the cores everything else did: the
+        # latter shows whether other work competed for the machine during the window.
+        "cores_used": round(cpu / seconds, 2),
+        "other_cores_busy": round(max(0.0, busy - cpu) / seconds, 2),
+        "load_avg_before": round(load_before, 2),
+        "load_avg_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -189,17 +207,37 @@ def machine() -> dict:
     }
 
 
-def table(rows: list[dict], stages: dict, step_rate: float) -> str:
+def summarize(rows: list[dict], step_rate: float) -> list[dict]:
+    """Per worker count, the median over rounds (img/s with its min and max), and the cores."""
+    out = []
+    for workers in dict.fromkeys(r["workers"] for r in rows):
+        runs = [r for r in rows if r["workers"] == workers]
+        rates = [r["img_per_s"] for r in runs]
+        cpu = statistics.median(r["cpu_s_per_img"] for r in runs)
+        out.append({
+            "workers": workers,
+            "img_per_s": statistics.median(rates),
+            "img_per_s_min": min(rates),
+            "img_per_s_max": max(rates),
+            "cpu_s_per_img": cpu,
+            "cores_used": statistics.median(r["cores_used"] for r in runs),
+            "other_cores_busy_max": max(r["other_cores_busy"] for r in runs),
+            "cores_per_accelerator": round(step_rate * cpu, 1),
+        })  # fmt: skip
+    return out
+
+
+def table(summary: list[dict], stages: dict, step_rate: float) -> str:
     lines = [
-        "| workers | img/s per process | CPU ms/img | cores per accelerator at "
-        f"{step_rate:,.0f} img/s |",
-        "|---:|---:|---:|---:|",
+        "| workers | img/s per process, median [min–max] | CPU ms/img | cores used | "
+        f"other cores busy, max | cores per accelerator at {step_rate:,.0f} img/s |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        cores = step_rate * r["cpu_s_per_img"]
+    for r in summary:
         lines.append(
-            f"| {r['workers']} | {r['img_per_s']:.1f} | {r['cpu_s_per_img'] * 1e3:.2f} | "
-            f"{cores:.1f} |"
+            f"| {r['workers']} | {r['img_per_s']:.1f} [{r['img_per_s_min']:.1f}–"
+            f"{r['img_per_s_max']:.1f}] | {r['cpu_s_per_img'] * 1e3:.2f} | {r['cores_used']:.2f} "
+            f"| {r['other_cores_busy_max']:.2f} | {r['cores_per_accelerator']:.1f} |"
         )
     lines.append("")
     lines.append(
@@ -216,6 +254,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="batch per step (default 32)")
     p.add_argument("--batches", type=int, default=24, help="timed batches per setting")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches beyond the buffers")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats (median reported)")
     p.add_argument("--prefetch", type=int, default=2, help="DataConfig.prefetch (default 2)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument(
@@ -225,8 +264,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write {meta, dataset, rows, stages} here")
     args = p.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",")]
-    if args.images < args.batch or min(args.workers) < 0:
-        p.error("--images must be at least --batch, and --workers counts >= 0")
+    if args.images < args.batch or min(args.workers) < 0 or args.rounds < 1:
+        p.error("need --images >= --batch, --workers counts >= 0 and --rounds >= 1")
     return args
 
 
@@ -236,14 +275,18 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="sepvit-input-bench-") as tmp:
         root = Path(tmp)
         dataset = write_tree(root, args.images, args.classes)
-        rows = [measure(root, w, args) for w in args.workers]
+        # Rounds interleave the settings, so slow drifts of the machine hit each of them alike.
+        rows = [
+            measure(root, w, args) | {"round": k} for k in range(args.rounds) for w in args.workers
+        ]
         stages = stage_costs(root, args.image_size)
     meta["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     settings = {k: v for k, v in vars(args).items() if k != "json"}
-    print(table(rows, stages, args.step_rate))
+    summary = summarize(rows, args.step_rate)
+    print(table(summary, stages, args.step_rate))
     if args.json:
         result = {"meta": meta, "settings": settings, "recipe": RECIPE, "dataset": dataset}
-        result |= {"rows": rows, "stages_ms_per_img": stages}
+        result |= {"summary": summary, "rows": rows, "stages_ms_per_img": stages}
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -220,14 +220,25 @@ def test_input_pipeline_benchmark_runs(tmp_path, capsys):
     out = tmp_path / "bench.json"
     input_pipeline.main(
         ["--images", "8", "--classes", "2", "--workers", "0", "--batch", "4", "--batches", "2"]
-        + ["--warmup", "0", "--image-size", "32", "--json", str(out)]
+        + ["--warmup", "0", "--image-size", "32", "--rounds", "2", "--json", str(out)]
     )
     result = json.loads(out.read_text())
     assert result["recipe"] == RECIPE and result["dataset"]["images"] == 8
     assert 40 < result["dataset"]["mean_kb"] < 200  # photo-sized JPEGs, not flat colour
-    (row,) = result["rows"]
-    assert row["workers"] == 0 and row["images"] == 8
-    assert row["img_per_s"] > 0 and row["cpu_s_per_img"] > 0
+    assert [(r["round"], r["workers"], r["images"]) for r in result["rows"]] == [
+        (0, 0, 8),
+        (1, 0, 8),
+    ]
+    for row in result["rows"]:
+        assert row["img_per_s"] > 0 and row["cpu_s_per_img"] > 0 and row["cores_used"] > 0
+        assert row["other_cores_busy"] >= 0
+    (summary,) = result["summary"]
+    rates = sorted(r["img_per_s"] for r in result["rows"])
+    assert (
+        summary["img_per_s"] == (rates[0] + rates[1]) / 2 and summary["img_per_s_min"] == rates[0]
+    )
+    cpu = sorted(r["cpu_s_per_img"] for r in result["rows"])
+    assert summary["cores_per_accelerator"] == round(5528 * (cpu[0] + cpu[1]) / 2, 1)
     assert result["stages_ms_per_img"]["decode"] > 0
     assert set(result["meta"]) >= {"date", "cpu", "versions", "load_avg_start", "load_avg_end"}
     assert "| 0 |" in capsys.readouterr().out
