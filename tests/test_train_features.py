@@ -25,7 +25,7 @@ from sepvit_jax.train.run import main
 from sepvit_jax.train.settings import TrainConfig
 from sepvit_jax.train.startup import init_compile_options
 from sepvit_jax.train.weights import better_of
-from tests.test_train import TIMING, read_rows, subprocess_env
+from tests.training import TIMING, read_rows, subprocess_env
 
 CONFIG = get_config("testing")  # 3 channels, 10 classes; 56x56 inputs
 

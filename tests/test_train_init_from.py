@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,7 +19,8 @@ from sepvit_jax.data import DataConfig
 from sepvit_jax.data import digits as digits_data
 from sepvit_jax.train import describe
 from sepvit_jax.train.run import main
-from tests.test_train import make_image_tree
+from tests.helpers import FIXTURES
+from tests.training import make_image_tree, read_rows, train
 
 CONFIG = get_config("testing")  # 3 channels; 56 and 112 both tile its windows
 
@@ -113,3 +115,52 @@ def test_the_digits_record_reproduces_the_pipeline():
     arrays = digits_data.arrays(56)
     assert np.array_equal(prepared[train_idx], arrays["train"][0])
     assert np.array_equal(prepared[eval_idx], arrays["eval"][0])
+
+
+# ---- --init-from, imagefolder, bfloat16 --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_rect_gray(tmp_path_factory) -> Path:
+    """The upstream rect_gray fixture (5 classes, 1 channel) through the converter."""
+    out = tmp_path_factory.mktemp("converted") / "rect_gray_flax"
+    sepvit_jax.save(sepvit_jax.from_torch(FIXTURES / "rect_gray.pt"), out)
+    return out
+
+
+def test_init_from_a_converted_checkpoint(tmp_path, capsys, converted_rect_gray):
+    # Digits has 10 classes: the converted body is kept and a zero head is made. lr 0: the
+    # exported model is exactly the initial state.
+    args = ["--init-from", str(converted_rect_gray), "--steps", "2", "--lr", "0"]
+    args += ["--image-size", "56"]  # the converted record names 224, the converter's default
+    assert main(["--batch-size", "16", "--runs-dir", str(tmp_path), "--run-name", "ft", *args]) == 0
+    assert "new zero-initialised 10-class head" in capsys.readouterr().err
+    source = nnx.to_pure_dict(nnx.state(sepvit_jax.load(converted_rect_gray), nnx.Param))
+    tuned = nnx.to_pure_dict(nnx.state(sepvit_jax.load(tmp_path / "ft" / "model"), nnx.Param))
+    head = tuned.pop("mlp_head")
+    source_head = source.pop("mlp_head")
+    assert jax.tree.all(jax.tree.map(np.array_equal, tuned, source))
+    assert np.array_equal(head["norm"]["scale"], source_head["norm"]["scale"])
+    assert head["fc"]["kernel"].shape == (32, 10) and not np.any(head["fc"]["kernel"])
+    # --eval-only on the converted weights: a zero head predicts class 0 for all 360 images.
+    args = ["--init-from", str(converted_rect_gray), "--eval-only", "--runs-dir", str(tmp_path)]
+    assert main([*args, "--run-name", "ev", "--image-size", "56"]) == 0
+    assert "final test accuracy: 0.1000" in capsys.readouterr().out
+    assert not (tmp_path / "ev").exists()
+    # The fine-tuning run continues from its own checkpoint (the converted architecture, not the
+    # default model) and --eval-only evaluates that checkpoint.
+    more = ["--runs-dir", str(tmp_path), "--run-name", "ft"]
+    first = read_rows(tmp_path / "ft")[-1]
+    assert main([*more, "--resume", "--steps", "6", "--lr", "1e-2", "--warmup-steps", "0"]) == 0
+    last = read_rows(tmp_path / "ft")[-1]
+    assert last["step"] == 6 and abs(last["test_loss"] - first["test_loss"]) > 1e-3  # it trained
+    capsys.readouterr()
+    assert main([*more, "--eval-only"]) == 0
+    assert f"test loss {last['test_loss']:.4f}" in capsys.readouterr().out
+
+
+def test_init_from_refuses_a_channel_mismatch(tmp_path, capsys):
+    three_channels = tmp_path / "two_stage_56_flax"
+    sepvit_jax.save(sepvit_jax.from_torch(FIXTURES / "two_stage_56.pt"), three_channels)
+    assert train(tmp_path, "x", "--init-from", str(three_channels), "--steps", "1") == 2
+    assert "takes 3 input channels but the data has 1" in capsys.readouterr().err

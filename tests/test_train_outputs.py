@@ -17,7 +17,7 @@ import termios
 import pytest
 
 from sepvit_jax.train.run import main
-from tests.test_train import ROOT, read_rows, subprocess_env
+from tests.training import ROOT, read_rows, subprocess_env
 
 # Batch 256: 5 steps an epoch, 1437 - 5 * 256 = 157 images left out of each epoch.
 ARGS = ["--model", "testing", "--batch-size", "256", "--steps", "7", "--log-every", "1"]
