@@ -43,6 +43,7 @@ def forward(case: str):
 @pytest.mark.parametrize("case", CASES)
 def test_jvp_and_linearize_match_finite_differences_and_reverse_mode(case, x64):
     f, x, v, cotangent = forward(case)
+    f = jax.jit(f)  # each transformation then compiles once instead of dispatching op by op
     logits, tangent = jax.jit(lambda x, v: jax.jvp(f, (x,), (v,)))(x, v)
     eps = 1e-6
     central = (f(x + eps * v) - f(x - eps * v)) / (2 * eps)
@@ -57,6 +58,7 @@ def test_jvp_and_linearize_match_finite_differences_and_reverse_mode(case, x64):
 @pytest.mark.parametrize("case", CASES)
 def test_jacfwd_and_hessian(case, x64):
     f, x, v, cotangent = forward(case)
+    f = jax.jit(f)
 
     def along(t):  # the logits along a line through the input space: cheap Jacobians
         return f(x + t[0] * v + t[1] * x)
@@ -75,12 +77,12 @@ def test_jacfwd_and_hessian(case, x64):
 @pytest.mark.parametrize("case", CASES)
 def test_lean_backward_gives_the_autodiff_gradients(case, x64):
     f, x, _, cotangent = forward(case)
-    plain = jax.grad(lambda x: (f(x) * cotangent).sum())(x)
+    plain = jax.jit(jax.grad(lambda x: (f(x) * cotangent).sum()))(x)
 
-    def lean(x):
+    def lean(x):  # the switch is read while tracing, so it sits inside the jitted function
         with lean_backward():
             return (f(x) * cotangent).sum()
 
-    assert_close(jax.grad(lean)(x), plain, 1e-12, "lean vs plain backward")
+    assert_close(jax.jit(jax.grad(lean))(x), plain, 1e-12, "lean vs plain backward")
     with lean_backward(), pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(f, (x,), (x,))  # the lean kernels are reverse-mode only, as documented
+        jax.jit(lambda x: jax.jvp(f, (x,), (x,)))(x)  # the lean kernels are reverse-mode only
