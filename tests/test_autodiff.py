@@ -25,6 +25,8 @@ CASES = {
         64,
     ),
 }  # fmt: skip
+# The fast tier (-m "not slow") runs the two-stage case; the full suite both.
+PARAMS = ["testing", pytest.param("four_stages", marks=pytest.mark.slow)]
 
 
 def forward(case: str):
@@ -40,7 +42,7 @@ def forward(case: str):
     return (lambda x: nnx.merge(graphdef, state)(x)), images, direction, cotangent
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", PARAMS)
 def test_jvp_and_linearize_match_finite_differences_and_reverse_mode(case, x64):
     f, x, v, cotangent = forward(case)
     f = jax.jit(f)  # each transformation then compiles once instead of dispatching op by op
@@ -55,7 +57,7 @@ def test_jvp_and_linearize_match_finite_differences_and_reverse_mode(case, x64):
     assert float((tangent * cotangent).sum()) == pytest.approx(float((gradient * v).sum()), 1e-10)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", PARAMS)
 def test_jacfwd_and_hessian(case, x64):
     f, x, v, cotangent = forward(case)
     f = jax.jit(f)
@@ -74,7 +76,7 @@ def test_jacfwd_and_hessian(case, x64):
         assert_close(hessian[:, i], column, 1e-6, f"hessian column {i}")
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", PARAMS)
 def test_lean_backward_gives_the_autodiff_gradients(case, x64):
     f, x, _, cotangent = forward(case)
     plain = jax.jit(jax.grad(lambda x: (f(x) * cotangent).sum()))(x)

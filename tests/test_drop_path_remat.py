@@ -59,6 +59,7 @@ def test_bad_rate_raises_in_both(rate):
         sepvit_torch.SepViT.from_config(CONFIG, drop_path_rate=rate)
 
 
+@pytest.mark.slow
 def test_rate_zero_changes_nothing_and_rate_changes_no_weight(tmp_path):
     plain = SepViT.from_config(CONFIG, rngs=nnx.Rngs(0))
     zero = SepViT.from_config(CONFIG, rngs=nnx.Rngs(0), drop_path_rate=0.0)
@@ -197,6 +198,7 @@ def loss_and_grads(model, x):
     return nnx.value_and_grad(lambda m, y: jnp.mean(m(y) ** 2))(model, x)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients_and_masks():
     """Training mode with drop path: nnx.remat replays each block's RNG draws when recomputing.
 

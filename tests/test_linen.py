@@ -159,6 +159,7 @@ def test_init_gives_the_nnx_parameters(nnx_model):
     assert flat(nested["backbone"]).keys() == linen_shapes.keys()
 
 
+@pytest.mark.slow
 def test_four_stages_from_linen_init():
     FOUR_STAGES.check_image_size(128, 128)
     x = images(128, batch=1)

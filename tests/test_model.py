@@ -188,7 +188,7 @@ def test_features_give_every_stage_map():
         dim_head=4,
         rngs=nnx.Rngs(0),
     )
-    maps = model.features(jnp.zeros((2, 32, 48, 3)))
+    maps = nnx.jit(lambda m, x: m.features(x))(model, jnp.zeros((2, 32, 48, 3)))
     assert [m.shape for m in maps] == [(2, 8, 12, 8), (2, 4, 6, 16), (2, 2, 3, 32)]
     torch_model = sepvit_torch.SepViT.from_config(model.config)
     torch_maps = torch_model.features(torch.zeros(2, 3, 32, 48))

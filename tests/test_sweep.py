@@ -85,7 +85,11 @@ def randomised_torch_model(config: SepViTConfig, seed: int) -> sepvit_torch.SepV
     return model
 
 
-@pytest.mark.parametrize("seed", range(NUM_CONFIGS))
+# The fast tier (-m "not slow") checks the first few; the full suite all of them.
+SEEDS = [s if s < 4 else pytest.param(s, marks=pytest.mark.slow) for s in range(NUM_CONFIGS)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_random_config_matches_torch(seed):
     config, input_shape = build_case(seed)
     torch_model = randomised_torch_model(config, seed)

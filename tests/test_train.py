@@ -144,6 +144,7 @@ def test_two_processes_match_one(tmp_path):
     assert len(read_rows(tmp_path / "two")) == len(read_rows(tmp_path / "one")) == 1
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
     import optax
 

@@ -128,6 +128,7 @@ def converted_rect_gray(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_init_from_a_converted_checkpoint(tmp_path, capsys, converted_rect_gray):
     # Digits has 10 classes: the converted body is kept and a zero head is made. lr 0: the
     # exported model is exactly the initial state.

@@ -17,6 +17,7 @@ from tests.training import (
 )
 
 
+@pytest.mark.slow
 def test_imagefolder_run_skips_and_reports_an_unreadable_image(tmp_path, capsys):
     tree = make_image_tree(tmp_path / "images", corrupt=1)
     args = ["--data", "imagefolder", "--data-dir", str(tree), "--batch-size", "8"]
@@ -31,6 +32,7 @@ def test_imagefolder_run_skips_and_reports_an_unreadable_image(tmp_path, capsys)
     assert config["resolved"]["model"]["num_classes"] == 2
 
 
+@pytest.mark.slow
 def test_imagefolder_aborts_past_the_unreadable_limit(tmp_path, capsys):
     tree = make_image_tree(tmp_path / "images", corrupt=2)  # 2 of 18 > 1%
     args = ["--data", "imagefolder", "--data-dir", str(tree), "--batch-size", "8"]

@@ -27,6 +27,7 @@ from tests.training import (
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_epoch_checkpoints_are_a_minute_apart_and_lr_is_logged(tmp_path, monkeypatch):
     from sepvit_jax.train import loop
 
@@ -111,6 +112,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(tmp_path):
     assert read_rows(tmp_path / "term")[-1]["step"] == saved + 2
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     # An absurd learning rate: the step-2 update (lr 5e29 after warm-up) makes step 3 NaN.
     args = ["--lr", "1e30", "--warmup-steps", "2", "--clip-norm", "0", "--checkpoint-every", "1"]
@@ -124,6 +126,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "nan" / "model").exists()
 
 
+@pytest.mark.slow
 def test_a_new_run_refuses_a_directory_with_checkpoints(tmp_path, capsys):
     assert train(tmp_path, "once", "--steps", "1") == 0
     assert train(tmp_path, "once", "--steps", "1") == 2
