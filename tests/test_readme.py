@@ -30,6 +30,7 @@ BIN = Path(sys.executable).parent
 NOT_RUN = {
     "make train": "runs sepvit-train's default run (tested by test_train.py through train.py)",
     "make test": "is the test suite itself (CI runs it through .ci/run)",
+    'pytest -q -n 2 -m "not slow"': "is a part of the test suite itself",
     "pip install torch==2.13.0": "installs packages (test_make_targets_set_up_this_environment)",
     'pip install -e ".[dev]" -c constraints.txt': "installs packages (same)",
 }
