@@ -95,8 +95,8 @@ def compare(repeats: int) -> dict:
         # user's first run does), the second reads every program back.
         with tempfile.TemporaryDirectory() as runs, tempfile.TemporaryDirectory() as cache:
             for name, run_name in ((JAX, "first"), (JAX_WARM, "second")):
-                cmd = [sys.executable, "train.py", "--runs-dir", runs, "--run-name", run_name,
-                       "--compile-cache", cache]
+                cmd = [sys.executable, "train.py", "--runs-dir", runs, "--run-name", run_name]
+                cmd += ["--compile-cache", cache]
                 rows[name].append(timed(cmd, env))
         rows[TORCH].append(timed(torch_cmd, env))
         rows[TORCH_REUSE].append(timed([*torch_cmd, "--reuse-freed-memory"], env))
