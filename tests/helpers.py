@@ -161,3 +161,18 @@ def assert_bitwise(got: dict[str, np.ndarray], want: dict[str, torch.Tensor]) ->
         value = np.asarray(got[key])
         assert value.dtype == expected.dtype, (key, value.dtype, expected.dtype)
         assert np.array_equal(value, expected), key
+
+
+# ---- data pipelines --------------------------------------------------------------------------
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)

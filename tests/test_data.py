@@ -9,20 +9,9 @@ from PIL import Image
 
 from sepvit_jax import data
 from sepvit_jax.data import DataConfig, DataError, digits, imagefolder
+from tests.helpers import assert_batches_equal, take
 
 DIGITS = DataConfig()
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(xs, ys):
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
 
 
 def concat(batches):

@@ -12,24 +12,13 @@ from PIL import Image
 from sepvit_jax import data
 from sepvit_jax.data import DataConfig, DataError, imagefolder
 from sepvit_jax.data.config import rand_augment, seeds
+from tests.helpers import assert_batches_equal, take
 
 RECIPE = {"randaugment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25}
 # ImageNet mean and std as the pre-augmentation pipeline normalised with (written out, not
 # imported, so a change to the module's constants would show).
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(xs, ys):
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
 
 
 def write_photos(root, per_class=(4, 4, 4), val_per_class=1):
@@ -219,15 +208,16 @@ def test_input_pipeline_benchmark_runs(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     input_pipeline.main(
-        ["--images", "8", "--classes", "2", "--workers", "0", "--batch", "4", "--batches", "2"]
+        # 8 batches: a timed window long enough for the CPU clock (10 ms ticks) to see it
+        ["--images", "8", "--classes", "2", "--workers", "0", "--batch", "4", "--batches", "8"]
         + ["--warmup", "0", "--image-size", "32", "--rounds", "2", "--json", str(out)]
     )
     result = json.loads(out.read_text())
     assert result["recipe"] == RECIPE and result["dataset"]["images"] == 8
     assert 40 < result["dataset"]["mean_kb"] < 200  # photo-sized JPEGs, not flat colour
     assert [(r["round"], r["workers"], r["images"]) for r in result["rows"]] == [
-        (0, 0, 8),
-        (1, 0, 8),
+        (0, 0, 32),
+        (1, 0, 32),
     ]
     for row in result["rows"]:
         assert row["img_per_s"] > 0 and row["cpu_s_per_img"] > 0 and row["cores_used"] > 0
