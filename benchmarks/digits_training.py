@@ -88,7 +88,6 @@ TORCH_REUSE = "sepvit_torch eager, freed memory reused as train.py does"
 def compare(repeats: int) -> dict:
     rows = {JAX: [], JAX_WARM: [], TORCH: [], TORCH_REUSE: []}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     torch_cmd = [sys.executable, "-m", "benchmarks.digits_training", "--torch-only"]
     for r in range(repeats):  # interleaved, so that a busy spell hits every row alike
         # A fresh cache per repeat: the first run compiles everything (and writes the cache, as a
